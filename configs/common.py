@@ -73,6 +73,7 @@ def pretrain_config():
         crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
         hflip_prob=0.5,
         num_workers=0,  # grain worker processes; 0 = decode in the main process (threads only)
+        num_threads=8,  # grain reader threads per process (PNG decode and PIL resize release the GIL)
         worker_buffer_size=2,
         prefetch_batches=2,
     ))
@@ -86,6 +87,7 @@ def pretrain_config():
         # co-guidance used a learned segmentor for the second term; ours is the differentiable filter.
         map_weight=1.0,
         guidance_filter="frangi",  # vesselness used when map_weight < 1: "frangi" | "sato"
+        guidance_sigmas=(1.0, 2.0, 3.0, 4.0),  # scales of that vesselness
         # A patch "contains vessel" for vessel_share when its vessel-pixel fraction exceeds this.
         vessel_patch_min_fraction=0.0,
     ))
@@ -140,4 +142,69 @@ def pretrain_config():
         tensorboard=True,
         panels_every_steps=0,  # 0 = off
     ))
+    return c
+
+
+def finetune_config(task: str = "segmentation"):
+    """Downstream fine-tuning (owner: finetune): ViT-B/16 encoder + UNETR decoder (segmentation) or a linear head
+    on the cls feature (classification). Mesh / sharding / distributed / metrics as pre-training."""
+    base = pretrain_config()
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.task = task  # "segmentation" | "classification"
+    c.dataset = config_dict.ConfigDict(dict(
+        name="",  # a vessel_seg_folder / arcade build (segmentation) or a class_folder build (classification)
+        data_dir="",
+        split="train",  # TFDS split strings slice, e.g. "train[:32]" / "train[32:]" for a fixed fold
+        eval_split="test",
+        image_key="image",
+        mask_key="mask",  # arcade: "vessel_mask" for vessels
+        fov_key="",  # "" = no field-of-view masking at evaluation; "fov" for vessel_seg_folder builds with one
+        label_key="label",
+    ))
+    c.batch_size = 16
+    c.total_steps = 2000
+    c.log_every_steps = 20
+    c.eval_every_steps = 500
+    c.init_from = ""  # "" = random init | pre-training workdir | exported .safetensors | official .pth
+    c.init_step = -1  # checkpoint step of a workdir init_from; -1 = latest
+    c.model = model_config("b", 16, 224, in_chans=3)
+    c.drop_path_rate = 0.1
+    c.decoder = config_dict.ConfigDict(dict(features=16))  # UNETR feature size (channels at full resolution)
+    c.num_classes = 1  # segmentation: 1 = binary vessel logit; classification: the number of labels
+    c.linear_probe = False  # classification: frozen encoder, train the head only
+    c.input = config_dict.ConfigDict(dict(
+        hflip_prob=0.5,
+        rotate_deg=10.0,  # uniform in [-rotate_deg, rotate_deg]
+        scale=(0.9, 1.1),
+        brightness=0.1,  # additive, fraction of 255
+        contrast=0.1,  # multiplicative around the mean: 1 +- contrast
+        num_workers=0,
+        num_threads=2,
+        worker_buffer_size=2,
+        prefetch_batches=2,
+    ))
+    c.loss = config_dict.ConfigDict(dict(dice_weight=1.0, bce_weight=1.0))
+    c.optim = config_dict.ConfigDict(dict(
+        base_lr=5e-4,  # lr = base_lr * batch_size / 256 (MAE fine-tuning rule)
+        lr=-1.0,  # > 0 overrides the scaled lr
+        min_lr=1e-6,
+        warmup_fraction=0.05,
+        b1=0.9,
+        b2=0.999,
+        weight_decay=0.05,
+        layer_decay=0.75,
+        clip_grad_norm=0.0,
+        grad_accum_steps=1,
+    ))
+    c.eval = config_dict.ConfigDict(dict(
+        threshold=0.5,  # on the sigmoid probability
+        batch_size=8,  # rounded up to a multiple of the device count
+        save_predictions=False,  # `vasomim evaluate`: prediction PNGs in WORKDIR/eval/<dataset>_<split>/
+    ))
+    c.checkpoint = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))
+    c.mesh = base.mesh
+    c.sharding = base.sharding
+    c.distributed = base.distributed
+    c.metrics = config_dict.ConfigDict(dict(tensorboard=True))
     return c

@@ -1,0 +1,54 @@
+"""Any folder tree of angiograms → image + binary vessel map (computed with the official offline recipe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from tfds_builders import common, images
+
+
+def find_sources(root: Path) -> tuple[list[images.Source], list[Path]]:
+    """Every image under `root` (DICOM too); `source` is the top-level folder (the root's name for its files)."""
+    files, ignored = images.scan_tree(root)
+    sources = []
+    for path in files:
+        rel = path.relative_to(root)
+        source = rel.parts[0] if len(rel.parts) > 1 else root.name
+        sources.append(images.Source(str(path), str(rel), source))
+    return sources, ignored
+
+
+class Builder(common.PretrainBuilder):
+    """Angiograms from any folder tree, with their vessel maps, for pre-training."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        common.VasoConfig(name="native", description="Images at their native resolution."),
+        common.VasoConfig(name="r256", resize_shorter=256,
+                          description="Shorter side resized to 256; maps computed at native resolution, then "
+                                      "resized by nearest neighbour."),
+    ]
+    DEFAULT_CONFIG_NAME = "native"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Point --manual_dir at any folder of X-ray angiograms (sub-folders allowed; the top-level folder name becomes
+    the `source` feature). Read: PNG, JPEG, TIFF, BMP, PGM, GIF (8- or 16-bit, grey or RGB) and, when pydicom is
+    installed, DICOM (.dcm / .dicom; one example per frame of a multi-frame cine file, `file_name` then ends in
+    `#<frame>`). 16-bit and DICOM images are windowed to 8 bits: the DICOM VOI LUT or WindowCenter/Width when
+    present, else the 0.5-99.5 percentiles. Other files (README, .txt, .json, hidden files) are ignored.
+      vasomim convert angio_folder --manual_dir=<folder> --data_dir=<data_dir>
+    """
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=common.pretrain_features(),
+            homepage="https://github.com/Dxhuang-CASIA/XA-SSL",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        sources, ignored = find_sources(root)
+        return {"train": self.pretrain_split(sources, ignored, root)}
