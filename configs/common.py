@@ -1,4 +1,4 @@
-"""Shared defaults for every config file (pure ml_collections, imports nothing of the package).
+"""Shared defaults for every config file (pure ml_collections; of the package it imports only constants).
 
 Numbers are the official XA-SSL launch values (``../shared/METHOD.md`` §3-§5) unless a comment says otherwise.
 Every field has a typed default so that any of them can be overridden from the command line
@@ -7,12 +7,7 @@ Every field has a typed default so that any of them can be overridden from the c
 
 from ml_collections import config_dict
 
-# ImageNet statistics: the official code turns grey angiograms into RGB and normalises with these.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# For in_chans=1: the averages of the ImageNet channel statistics.
-GREY_MEAN = (0.449,)
-GREY_STD = (0.226,)
+from vasomim_jax.models.preprocess import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD  # input normalisation
 
 VIT_SIZES = {  # (embed_dim, depth, num_heads)
     "ti": (192, 12, 3),

@@ -142,3 +142,5 @@ def test_bad_input_is_rejected_with_the_argument_named():
         vessel_maps([image], sigma=(1, 2))
     with pytest.raises(ValueError, match="batch_size"):
         vessel_maps([image], batch_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        vessel_maps([image], backend="torch")

@@ -15,11 +15,15 @@ import textwrap
 SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "convert": ("Build a TFDS dataset (array_record shards with precomputed vessel maps) from a folder.",
                 "vasomim_jax.convert"),
-    "pretrain": ("Pre-train a VasoMIM / MAE ViT from a config file (sharded, checkpointed, resumable).", None),
-    "finetune": ("Fine-tune a pre-trained encoder for vessel segmentation or classification.", None),
-    "evaluate": ("Score a fine-tuned checkpoint (Dice, clDice) on any segmentation split.", None),
+    "pretrain": ("Pre-train a VasoMIM / MAE ViT from a config file (sharded, checkpointed, resumable).",
+                 "vasomim_jax.train"),
+    "finetune": ("Fine-tune a pre-trained encoder for vessel segmentation or classification.",
+                 "vasomim_jax.finetune.train"),
+    "evaluate": ("Score a fine-tuned checkpoint (Dice, clDice) on any segmentation split.",
+                 "vasomim_jax.finetune.evaluate"),
     "export": ("Export a checkpoint to PyTorch: timm encoder or official-MAE full model.", "vasomim_jax.export"),
-    "visualize": ("Draw masking / reconstruction panels and training plots from a workdir.", None),
+    "visualize": ("Draw masking / reconstruction panels and training plots from a workdir.",
+                  "vasomim_jax.visualize"),
     "demo": ("Run the end-to-end demo on synthetic angiograms (outputs in demo_out/).", "vasomim_jax.demo"),
 }
 

@@ -99,14 +99,9 @@ def validate_common(config: config_dict.ConfigDict, num_devices: int) -> dict[st
     return mesh
 
 
-def validate_pretrain_config(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Raises ConfigError naming the field; returns the resolved mesh {axis: size}."""
-    mesh = validate_common(config, num_devices)
-    validate_model(config.model)
-    if config.epochs < 0:
-        _fail("epochs", config.epochs, "cannot be negative")
-    if config.total_steps == 0 and config.epochs == 0:
-        _fail("total_steps", 0, "set total_steps > 0 or epochs > 0")
+def validate_objective(config: config_dict.ConfigDict) -> None:
+    """The masking and loss rules of pre-training (``config.masking``, ``config.loss``): raises ConfigError naming
+    the field. Shared by ``validate_pretrain_config`` and ``losses.make_loss_fn``."""
     m = config.masking
     if not 0.0 < m.mask_ratio < 1.0:
         _fail("masking.mask_ratio", m.mask_ratio, "must be in (0, 1)")
@@ -126,8 +121,20 @@ def validate_pretrain_config(config: config_dict.ConfigDict, num_devices: int) -
         _fail("loss.consistency_weight", loss.consistency_weight, "cannot be negative")
     if loss.consistency_distance not in DISTANCES:
         _fail("loss.consistency_distance", loss.consistency_distance, f"must be one of {DISTANCES}")
-    if not loss.frangi_sigmas or min(loss.frangi_sigmas) <= 0:
-        _fail("loss.frangi_sigmas", loss.frangi_sigmas, "needs at least one positive sigma")
+    for field, sigmas in (("loss.frangi_sigmas", loss.frangi_sigmas), ("masking.guidance_sigmas", m.guidance_sigmas)):
+        if not sigmas or min(sigmas) <= 0:
+            _fail(field, sigmas, "needs at least one sigma, all positive")
+
+
+def validate_pretrain_config(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Raises ConfigError naming the field; returns the resolved mesh {axis: size}."""
+    mesh = validate_common(config, num_devices)
+    validate_model(config.model)
+    if config.epochs < 0:
+        _fail("epochs", config.epochs, "cannot be negative")
+    if config.total_steps == 0 and config.epochs == 0:
+        _fail("total_steps", 0, "set total_steps > 0 or epochs > 0")
+    validate_objective(config)
     o = config.optim
     if not 0.0 <= o.warmup_fraction < 1.0:
         _fail("optim.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")

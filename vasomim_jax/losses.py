@@ -1,6 +1,9 @@
-"""Losses (METHOD §1, §4): norm-pix reconstruction, Frangi anatomical consistency, and the one ``loss_fn``.
+"""The pre-training forward and its losses (METHOD §1, §4): norm-pix reconstruction, Frangi anatomical
+consistency, and the one ``loss_fn``.
 
-``loss = loss_rec + λ·loss_cons``:
+``forward`` (batch → masks → model → targets → grey images) is the one pre-training forward of the package:
+``make_loss_fn``, ``visualize.intermediates`` and, through ``masked_forward``, ``Pretrained.reconstruct`` all read
+its ``Forward``. ``loss = loss_rec + λ·loss_cons``:
 
 - ``loss_rec``: MSE on the masked patches against per-patch normalised pixels (official MAE: unbiased variance,
   ``(t − mean)/√(var + 1e-6)``).
@@ -16,13 +19,30 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from vasomim_jax import masking, models
+from vasomim_jax import masking, models, vesselness
+from vasomim_jax.config import DISTANCES, validate_model, validate_objective
 
 BCE_EPS = 1e-4  # vesselness maps are squeezed into [ε, 1 − ε] before the Bernoulli KL
-DISTANCES = ("bce", "l1")
+
+
+class Forward(NamedTuple):
+    """One pre-training forward pass. B examples, L patches of D = p·p·C values, images H×W."""
+
+    mask: masking.MaskResult  # the masks, with the guided patches and the guidance probability per patch
+    beta: jax.Array  # float32 (): share of the masked patches the guidance drew
+    x: jax.Array  # float32 (B, H, W, C): the normalised input
+    pred: jax.Array  # float32 (B, L, D): decoder output for every patch (normalised pixels with norm-pix)
+    target: jax.Array  # float32 (B, L, D): patchified x
+    mean: jax.Array  # float32 (B, L, 1): per-patch target mean (0 without norm-pix)
+    var: jax.Array  # float32 (B, L, 1): per-patch target variance (1 − 1e-6 without norm-pix)
+    loss_rec: jax.Array  # float32 (): MSE on the masked patches
+    grey_in: jax.Array  # float32 (B, H, W): the input on the grey 0..255 scale
+    rec_grey: jax.Array  # float32 (B, H, W): the decoder's image on that scale (``reconstructed_grey``)
 
 
 def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, *, norm_pix: bool = True,
@@ -48,9 +68,9 @@ def reconstructed_grey(pred: jax.Array, target: jax.Array, mean: jax.Array, var:
                        model_cfg, *, grid: tuple[int, int], paste_visible: bool = False) -> jax.Array:
     """The decoder's image on the grey 0..255 scale: float32 (B, H, W).
 
-    pred (B, L, p·p·C) is de-normalised with the target patches' statistics (``pred·√(var + 1e-6) + mean``, as
-    the official code); with ``paste_visible`` the visible patches (mask 0) are the input's own. target is the
-    patchified normalised input, grid the (rows, cols) of patches.
+    pred (B, L, p·p·C) is de-normalised with the given per-patch statistics (``pred·√(var + 1e-6) + mean``; the
+    target patches' own in the official code); with ``paste_visible`` the visible patches (mask 0) are the
+    input's own. target is the patchified normalised input, grid the (rows, cols) of patches.
     """
     rec = pred * jnp.sqrt(var + 1e-6) + mean
     if paste_visible:
@@ -60,29 +80,77 @@ def reconstructed_grey(pred: jax.Array, target: jax.Array, mean: jax.Array, var:
     return models.to_grey_intensity(image, model_cfg)
 
 
+def masked_forward(model, params, x: jax.Array, mk: masking.MaskResult, beta, model_cfg, *, norm_pix: bool = True,
+                   unbiased: bool = True, paste_visible: bool = False) -> Forward:
+    """The forward for given masks: x float32 (B, H, W, C) normalised, ``mk`` from ``masking.guided_mask``,
+    beta float32 () the β the masks were drawn with. Pure, jit-able (``model``/``model_cfg`` static)."""
+    p = model_cfg.patch_size
+    pred = model.apply({"params": params}, x, mk.ids_keep, mk.ids_restore)  # (B, L, p·p·C) float32
+    target = models.patchify(x, p)
+    loss_rec, mean, var = reconstruction_loss(pred, target, mk.mask, norm_pix=norm_pix, unbiased=unbiased)
+    grid = (x.shape[1] // p, x.shape[2] // p)
+    rec_grey = reconstructed_grey(pred, target, mean, var, mk.mask, model_cfg, grid=grid, paste_visible=paste_visible)
+    return Forward(mask=mk, beta=jnp.asarray(beta, jnp.float32), x=x, pred=pred, target=target, mean=mean, var=var,
+                   loss_rec=loss_rec, grey_in=models.to_grey_intensity(x, model_cfg), rec_grey=rec_grey)
+
+
+def forward(model, config, params, batch: dict, rng: jax.Array, step, *, total_steps: int,
+            steps_per_epoch: int) -> Forward:
+    """The pre-training forward of one batch, exactly as trained.
+
+    batch: {"image": uint8 (B, H, W), "vessel_map": uint8 (B, H, W) in {0, 1}, "index": int32 (B,)}; rng: the
+    run's base key; step: int (may be traced). Masks from ``masking.mask_batch`` (keyed by step and global
+    index); ``rec_grey`` pastes the visible patches back when ``config.loss.paste_visible``.
+    """
+    images, vessel_map = batch["image"], batch["vessel_map"]
+    if images.ndim != 3 or vessel_map.shape != images.shape or batch["index"].shape != images.shape[:1]:
+        raise ValueError(f"forward: batch image {images.shape}, vessel_map {vessel_map.shape}, index "
+                         f"{batch['index'].shape} must be (B, H, W), (B, H, W), (B,)")
+    mcfg, lc = config.model, config.loss
+    mk, beta = masking.mask_batch(batch, rng, step, config.masking, patch_size=mcfg.patch_size,
+                                  total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return masked_forward(model, params, models.preprocess(images, mcfg), mk, beta, mcfg,
+                          norm_pix=lc.norm_pix_loss, unbiased=lc.unbiased_var, paste_visible=lc.paste_visible)
+
+
 def frangi_gamma(grey: jax.Array, sigma: float) -> jax.Array:
     """skimage's automatic Frangi γ per image: max over pixels of S = √(λ1² + λ2²) at ``sigma``, halved (1 when 0).
 
     grey float (B, H, W) → float32 (B,).
     """
-    from vasomim_jax import vesselness_filters as vf
-
     _, h, w = grey.shape
-    left, right = vf.hessian_operators(h, (float(sigma),), 0), vf.hessian_operators(w, (float(sigma),), 1)
-    e_hi, e_lo = vf.hessian_eigenvalues(grey.astype(jnp.float32), left, right)  # (1, H, B, W)
+    sig = (float(sigma),)
+    left, right = vesselness.hessian_operators(h, sig, 0), vesselness.hessian_operators(w, sig, 1)
+    e_hi, e_lo = vesselness.hessian_eigenvalues(grey.astype(jnp.float32), left, right)  # (1, H, B, W)
     peak = jnp.max(jnp.square(e_hi) + jnp.square(e_lo), axis=(0, 1, 3))
     return jnp.where(peak > 0, jnp.sqrt(jnp.where(peak > 0, peak, 1.0)) / 2, 1.0)
 
 
 def frangi_with_gamma(grey: jax.Array, gamma: jax.Array, *, sigmas, alpha: float, beta: float) -> jax.Array:
     """Frangi (dark ridges) of each image (B, H, W) with its own γ (B,) → float32 (B, H, W) clipped to [0, 1]."""
-    from vasomim_jax import vesselness
-
     def one(image, g):
         return vesselness.frangi(image, sigmas=tuple(sigmas), alpha=alpha, beta=beta, gamma=g, black_ridges=True)
 
     # frangi's output is a product of exponential terms, already in [0, 1]; the clip only guards rounding.
     return jnp.clip(jax.vmap(one)(grey, gamma), 0.0, 1.0)
+
+
+def frangi_settings(loss_cfg) -> dict:
+    """The Frangi arguments of ``config.loss``: {sigmas, alpha, beta} for ``frangi_on_input_scale``."""
+    return dict(sigmas=tuple(loss_cfg.frangi_sigmas), alpha=loss_cfg.frangi_alpha, beta=loss_cfg.frangi_beta)
+
+
+def frangi_on_input_scale(grey_in: jax.Array, *greys: jax.Array, sigmas, alpha: float,
+                          beta: float) -> list[jax.Array]:
+    """[Frangi(grey_in), Frangi(g) for g in greys], each float32 (B, H, W) in [0, 1], all with grey_in's γ.
+
+    grey_in (the input, B×H×W on 0..255) and its γ are stop-gradient; one call per image set, so the backward
+    pass covers only ``greys``.
+    """
+    grey_in = jax.lax.stop_gradient(grey_in.astype(jnp.float32))
+    gamma = jax.lax.stop_gradient(frangi_gamma(grey_in, sigmas[0]))
+    return [frangi_with_gamma(g.astype(jnp.float32), gamma, sigmas=sigmas, alpha=alpha, beta=beta)
+            for g in (grey_in, *greys)]
 
 
 def consistency_loss(rec_grey: jax.Array, target_grey: jax.Array, *, sigmas=(1.0, 2.0, 3.0, 4.0),
@@ -93,12 +161,7 @@ def consistency_loss(rec_grey: jax.Array, target_grey: jax.Array, *, sigmas=(1.0
     """
     if distance not in DISTANCES:
         raise ValueError(f"config.loss.consistency_distance must be one of {DISTANCES}, got {distance!r}")
-    target_grey = jax.lax.stop_gradient(target_grey.astype(jnp.float32))
-    gamma = jax.lax.stop_gradient(frangi_gamma(target_grey, sigmas[0]))
-    kw = dict(sigmas=sigmas, alpha=alpha, beta=beta)
-    # Two calls of one function: identical inputs give identical maps, and the backward pass covers only v_rec.
-    v_in = jax.lax.stop_gradient(frangi_with_gamma(target_grey, gamma, **kw))
-    v_rec = frangi_with_gamma(rec_grey.astype(jnp.float32), gamma, **kw)
+    v_in, v_rec = frangi_on_input_scale(target_grey, rec_grey, sigmas=tuple(sigmas), alpha=alpha, beta=beta)
     if distance == "l1":
         return jnp.mean(jnp.abs(v_rec - v_in))
     t = BCE_EPS + (1 - 2 * BCE_EPS) * v_in
@@ -122,70 +185,34 @@ def vessel_shares(vessel_map: jax.Array, mask: jax.Array, patch_size: int,
     return jnp.sum(mask * has_vessel) / jnp.sum(mask), jnp.mean(has_vessel)
 
 
-def _check_config(config, total_steps: int, steps_per_epoch: int) -> None:
-    m, l, mdl = config.masking, config.loss, config.model
-    if mdl.img_size % mdl.patch_size:
-        raise ValueError(f"config.model.img_size={mdl.img_size} is not divisible by patch_size={mdl.patch_size}")
-    if not 0.0 <= m.mask_ratio < 1.0:
-        raise ValueError(f"config.masking.mask_ratio must be in [0, 1), got {m.mask_ratio}")
-    for name in ("beta_start", "beta_end", "map_weight"):
-        if not 0.0 <= m[name] <= 1.0:
-            raise ValueError(f"config.masking.{name} must be in [0, 1], got {m[name]}")
-    if m.beta_per not in ("epoch", "step"):
-        raise ValueError(f"config.masking.beta_per must be 'epoch' or 'step', got {m.beta_per!r}")
-    if m.guidance_filter not in ("frangi", "sato"):
-        raise ValueError(f"config.masking.guidance_filter must be 'frangi' or 'sato', got {m.guidance_filter!r}")
-    if l.consistency_distance not in DISTANCES:
-        raise ValueError(f"config.loss.consistency_distance must be one of {DISTANCES}, got "
-                         f"{l.consistency_distance!r}")
-    if l.consistency_weight < 0:
-        raise ValueError(f"config.loss.consistency_weight must be >= 0, got {l.consistency_weight}")
-    for section, name, sigmas in (("loss", "frangi_sigmas", l.frangi_sigmas),
-                                  ("masking", "guidance_sigmas", m.guidance_sigmas)):
-        if not sigmas or any(s <= 0 for s in sigmas):
-            raise ValueError(f"config.{section}.{name} must be positive scales, got {tuple(sigmas)}")
-    if total_steps <= 0 or steps_per_epoch <= 0:
-        raise ValueError(f"make_loss_fn: total_steps={total_steps} and steps_per_epoch={steps_per_epoch} "
-                         "must be > 0")
-
-
 def make_loss_fn(model, config, *, total_steps: int, steps_per_epoch: int):
     """The pre-training objective: ``loss_fn(params, batch, rng, step) -> (loss float32 (), metrics)``.
 
-    batch: {"image": uint8 (B, H, W), "vessel_map": uint8 (B, H, W) in {0, 1}, "index": int32 (B,)}; rng: the
-    run's base key; step: int (may be traced). The mask of example i is keyed by
-    ``fold_in(fold_in(rng, step), index[i])``, so it depends on neither its batch position nor the process count.
+    batch, rng, step as ``forward``: the mask of example i is keyed by ``fold_in(fold_in(rng, step), index[i])``,
+    so it depends on neither its batch position nor the process count.
     metrics: float32 scalars loss, loss_rec, loss_cons, beta, vessel_share, vessel_share_random.
     Pure and jit-able; differentiate with ``jax.value_and_grad(loss_fn, has_aux=True)``.
+    Raises ``config.ConfigError`` naming a bad ``config.model`` / ``masking`` / ``loss`` field.
     """
-    _check_config(config, total_steps, steps_per_epoch)
-    m, lc, mcfg = config.masking, config.loss, config.model
-    p = mcfg.patch_size
+    validate_model(config.model)
+    validate_objective(config)
+    if total_steps <= 0 or steps_per_epoch <= 0:
+        raise ValueError(f"make_loss_fn: total_steps={total_steps} and steps_per_epoch={steps_per_epoch} "
+                         "must be > 0")
+    lc = config.loss
 
     def loss_fn(params, batch, rng, step):
-        images, vessel_map = batch["image"], batch["vessel_map"]
-        if images.ndim != 3 or vessel_map.shape != images.shape or batch["index"].shape != images.shape[:1]:
-            raise ValueError(f"loss_fn: batch image {images.shape}, vessel_map {vessel_map.shape}, index "
-                             f"{batch['index'].shape} must be (B, H, W), (B, H, W), (B,)")
-        mk, beta = masking.mask_batch(batch, rng, step, m, patch_size=p, total_steps=total_steps,
-                                      steps_per_epoch=steps_per_epoch)
-        x = models.preprocess(images, mcfg)  # (B, H, W, C)
-        pred = model.apply({"params": params}, x, mk.ids_keep, mk.ids_restore)  # (B, L, p·p·C) float32
-        target = models.patchify(x, p)
-        loss_rec, mean, var = reconstruction_loss(pred, target, mk.mask, norm_pix=lc.norm_pix_loss,
-                                                  unbiased=lc.unbiased_var)
+        f = forward(model, config, params, batch, rng, step, total_steps=total_steps,
+                    steps_per_epoch=steps_per_epoch)
         if lc.consistency_weight > 0:
-            grid = (x.shape[1] // p, x.shape[2] // p)
-            rec_grey = reconstructed_grey(pred, target, mean, var, mk.mask, mcfg, grid=grid,
-                                          paste_visible=lc.paste_visible)
-            grey_in = models.to_grey_intensity(x, mcfg)  # (B, H, W) on 0..255
-            loss_cons = consistency_loss(rec_grey, grey_in, sigmas=tuple(lc.frangi_sigmas), alpha=lc.frangi_alpha,
-                                         beta=lc.frangi_beta, distance=lc.consistency_distance)
+            loss_cons = consistency_loss(f.rec_grey, f.grey_in, distance=lc.consistency_distance,
+                                         **frangi_settings(lc))
         else:
             loss_cons = jnp.float32(0.0)
-        loss = loss_rec + lc.consistency_weight * loss_cons
-        share, share_random = vessel_shares(vessel_map, mk.mask, p, m.vessel_patch_min_fraction)
-        metrics = dict(loss=loss, loss_rec=loss_rec, loss_cons=loss_cons, beta=beta, vessel_share=share,
+        loss = f.loss_rec + lc.consistency_weight * loss_cons
+        share, share_random = vessel_shares(batch["vessel_map"], f.mask.mask, config.model.patch_size,
+                                            config.masking.vessel_patch_min_fraction)
+        metrics = dict(loss=loss, loss_rec=f.loss_rec, loss_cons=loss_cons, beta=f.beta, vessel_share=share,
                        vessel_share_random=share_random)
         return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 

@@ -35,6 +35,7 @@ class MaskResult(NamedTuple):
     ids_keep: jax.Array  # int32 (B, len_keep): visible patch indices, ascending
     ids_restore: jax.Array  # int32 (B, L): position of each patch in [visible..., masked...]
     guided: jax.Array  # bool (B, L): masked because drawn by the guidance (a subset of mask)
+    probability: jax.Array  # float32 (B, L): p = s / (Σs + 1e-6), the law the guided patches were drawn from
 
 
 def num_masked(num_patches: int, mask_ratio: float) -> int:
@@ -159,7 +160,7 @@ def _sample_mask(keys: jax.Array, patch_scores: jax.Array, target: jax.Array, *,
     ids_shuffle = jnp.zeros((batch, length), jnp.int32).at[rows, ids_restore].set(
         jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
     return MaskResult(mask=masked.astype(jnp.float32), ids_keep=ids_shuffle[:, :len_keep],
-                      ids_restore=ids_restore, guided=guided)
+                      ids_restore=ids_restore, guided=guided, probability=p)
 
 
 def guidance_map(vessel_map: jax.Array, grey: jax.Array | None, *, map_weight: float, filter: str = "frangi",

@@ -24,13 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from vasomim_jax import export, masking, models
+from vasomim_jax import export, losses, masking, models
+from vasomim_jax.models.preprocess import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-# Official MAE / XA-SSL preprocessing (grey -> RGB, ImageNet statistics); grey = the channel averages.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-GREY_MEAN, GREY_STD = (0.449,), (0.226,)
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # timm / MAE ViT-Ti/S/B/L/H
 TORCH_SAFE_GLOBALS = (argparse.Namespace,)  # the only non-tensor global of official MAE / XA-SSL .pth files
 
@@ -103,22 +101,14 @@ class Pretrained:
 
     @functools.cached_property
     def _reconstruct_fn(self):
-        cfg = self.config.model
-        p, c = cfg.patch_size, cfg.in_chans
         loss_cfg = self.config.get("loss", ConfigDict())
-        norm_pix, ddof = loss_cfg.get("norm_pix_loss", True), 1 if loss_cfg.get("unbiased_var", True) else 0
+        norm_pix, unbiased = loss_cfg.get("norm_pix_loss", True), loss_cfg.get("unbiased_var", True)
 
         def fn(variables, x, scores, key, beta, mask_ratio):
-            m = masking.guided_mask(key, scores, mask_ratio=mask_ratio, beta=beta)
-            pred = self.model.apply(variables, x, m.ids_keep, m.ids_restore)
-            patches = pred
-            if norm_pix:  # undo the per-patch target normalisation with the input's own patch statistics
-                target = models.patchify(x, p)
-                mean = target.mean(axis=-1, keepdims=True)
-                var = target.var(axis=-1, keepdims=True, ddof=ddof)
-                patches = pred * jnp.sqrt(var + 1e-6) + mean
-            image = models.unpatchify(patches, p, x.shape[1] // p, x.shape[2] // p, c)
-            return Reconstruction(m.mask, pred, models.to_grey_intensity(image, cfg))
+            mk = masking.guided_mask(key, scores, mask_ratio=mask_ratio, beta=beta)
+            f = losses.masked_forward(self.model, variables["params"], x, mk, beta, self.config.model,
+                                      norm_pix=norm_pix, unbiased=unbiased)
+            return Reconstruction(mk.mask, f.pred, f.rec_grey)
 
         return jax.jit(fn, static_argnames="mask_ratio")
 

@@ -132,11 +132,11 @@ def vessel_map(
     return out[0] if arr.ndim == 2 else out
 
 
-def _batches(images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+def _batches(images: Sequence[np.ndarray], batch_size: int, pad: bool) -> Iterator[tuple[list[int], np.ndarray]]:
     """Indices and stacked arrays of same-shape images, `batch_size` per batch, in first-seen order.
 
-    A short last batch of a group larger than `batch_size` is padded with copies of its last image (results for
-    the copies are dropped) so that one compiled shape serves the whole group.
+    With `pad`, a short last batch of a group larger than `batch_size` is padded with copies of its last image
+    (results for the copies are dropped) so that one compiled shape serves the whole group.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
@@ -144,7 +144,7 @@ def _batches(images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[li
     for idx in groups.values():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            rows = chunk + chunk[-1:] * (batch_size - len(chunk)) if len(idx) > batch_size else chunk
+            rows = chunk + chunk[-1:] * (batch_size - len(chunk)) if pad and len(idx) > batch_size else chunk
             yield chunk, np.stack([np.asarray(images[i]) for i in rows])
 
 
@@ -165,15 +165,17 @@ def vessel_maps(images: Sequence[np.ndarray], *, batch_size: int = 16, **kw) -> 
     if unknown:
         raise TypeError(f"vessel_maps got unknown keyword arguments {sorted(unknown)}; allowed: {sorted(opts)}")
     opts |= kw
+    if opts["backend"] not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {opts['backend']!r}")
     out: list[np.ndarray | None] = [None] * len(images)
     if opts["backend"] == "skimage":
-        for idx, batch in _batches(images, batch_size):
+        for idx, batch in _batches(images, batch_size, pad=False):
             out_batch = vessel_map(batch, **opts)
             for j, i in enumerate(idx):
                 out[i] = out_batch[j]
         return out
     pending = None
-    for idx, batch in _batches(images, batch_size):
+    for idx, batch in _batches(images, batch_size, pad=True):
         _validate(batch, opts["filter"], opts["sigmas"], opts["border"], opts["percentile"], "jax")
         response = _jax_response(batch, opts["filter"], opts["sigmas"])  # async dispatch
         if pending is not None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+# The official MAE / XA-SSL normalisation (grey angiograms turned into RGB, ImageNet statistics); for in_chans=1
+# the averages of the three channels' statistics. Canonical here: configs and the weight loader import them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN = (0.449,)
+GREY_STD = (0.226,)
+
 
 def _stats(model_cfg, c: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     mean, std = tuple(model_cfg.mean), tuple(model_cfg.std)

@@ -1,0 +1,161 @@
+"""TFDS array_record shards -> grain -> paired RandomResizedCrop / flip -> uint8 host batches -> global arrays.
+
+Record order: ``grain.MapDataset.source(src).shuffle(seed).repeat()`` (a fresh permutation every epoch), so
+global position ``g = epoch * num_records + position`` names one example of the stream. Global batch ``s`` is
+positions ``[s*B, (s+1)*B)``; process ``p`` of ``P`` reads the contiguous block ``[s*B + p*B/P, s*B + (p+1)*B/P)``
+of it. The crop and flip of an example are drawn from ``np.random.default_rng((seed, epoch, g))`` and the device
+keys its mask by ``g`` (``batch["index"]``), so the global batch (order, crops, masks) does not depend on the
+number of processes or on how far the iterator was restored.
+
+Augmentation is torchvision's ``RandomResizedCrop(scale, ratio)`` (same parameter sampling, 10 tries then the
+centre-crop fallback) on PIL images: crop, then bicubic resize (PIL antialiases when shrinking) for the image and
+nearest for the vessel map, then the same horizontal flip for both.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import grain
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from PIL import Image
+
+IMAGE_KEY = "image"
+MAP_KEY = "vessel_map"
+
+
+def crop_params(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
+                ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) exactly as torchvision ``RandomResizedCrop.get_params`` (with a numpy generator)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _as_2d_uint8(value: Any, name: str) -> np.ndarray:
+    """Encoded PNG bytes or a decoded array (H, W) / (H, W, 1) -> uint8 (H, W)."""
+    if isinstance(value, (bytes, np.bytes_)):
+        arr = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise ValueError(f"feature {name!r}: bytes that OpenCV cannot decode")
+    else:
+        arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.dtype != np.uint8:
+        raise ValueError(f"feature {name!r}: expected a uint8 grey image, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def augment(image: np.ndarray, vessel_map: np.ndarray, rng: np.random.Generator, *, size: int,
+            scale: Sequence[float], ratio: Sequence[float], hflip_prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """Same RandomResizedCrop + flip for image (bicubic) and map (nearest): uint8 (H, W) x2 -> uint8 (size, size)."""
+    if image.shape != vessel_map.shape:
+        raise ValueError(f"image {image.shape} and vessel map {vessel_map.shape} differ in shape")
+    top, left, h, w = crop_params(rng, *image.shape, scale, ratio)
+    box = (slice(top, top + h), slice(left, left + w))
+    img = np.asarray(Image.fromarray(image[box]).resize((size, size), Image.BICUBIC))
+    vmap = np.asarray(Image.fromarray(vessel_map[box]).resize((size, size), Image.NEAREST))
+    if rng.random() < hflip_prob:
+        img, vmap = img[:, ::-1], vmap[:, ::-1]
+    return np.ascontiguousarray(img), np.ascontiguousarray(vmap)
+
+
+class _ReadAugment(grain.transforms.Map):
+    """Local position k -> global position g -> record -> augmented example (picklable for grain workers)."""
+
+    def __init__(self, records: grain.MapDataset, num_records: int, *, global_batch: int, block_start: int,
+                 local_batch: int, seed: int, input_cfg: ConfigDict, size: int):
+        self.records, self.num_records = records, num_records
+        self.global_batch, self.block_start, self.local_batch = global_batch, block_start, local_batch
+        self.seed, self.size = seed, size
+        self.scale, self.ratio = tuple(input_cfg.crop_scale), tuple(input_cfg.crop_ratio)
+        self.hflip_prob = float(input_cfg.hflip_prob)
+
+    def map(self, k: int) -> dict[str, np.ndarray]:
+        step, j = divmod(int(k), self.local_batch)
+        g = step * self.global_batch + self.block_start + j
+        record = self.records[g]
+        rng = np.random.default_rng((self.seed, g // self.num_records, g))
+        image, vmap = augment(_as_2d_uint8(record[IMAGE_KEY], IMAGE_KEY), _as_2d_uint8(record[MAP_KEY], MAP_KEY),
+                              rng, size=self.size, scale=self.scale, ratio=self.ratio, hflip_prob=self.hflip_prob)
+        if vmap.max(initial=0) > 1:
+            raise ValueError(f"record at global position {g}: vessel map holds values > 1 (expected {{0, 1}})")
+        return {"image": image, "vessel_map": vmap, "index": np.int32(g)}
+
+
+def make_dataset(source: Sequence, *, global_batch: int, process_index: int, process_count: int, seed: int,
+                 input_cfg: ConfigDict, size: int) -> grain.IterDataset:
+    """Infinite iterator dataset of this process's block of every global batch.
+
+    ``source``: random-access sequence of dicts with ``image`` and ``vessel_map`` (uint8 arrays or PNG bytes).
+    Yields {"image": uint8 (b, size, size), "vessel_map": uint8 (b, size, size), "index": int32 (b,)} with
+    ``b = global_batch // process_count``.
+    """
+    if global_batch % process_count:
+        raise ValueError(f"batch_size {global_batch} does not split over {process_count} processes")
+    if len(source) == 0:
+        raise ValueError("the dataset split has no records")
+    local = global_batch // process_count
+    records = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    read = _ReadAugment(records, len(source), global_batch=global_batch, block_start=process_index * local,
+                        local_batch=local, seed=seed, input_cfg=input_cfg, size=size)
+    ds = grain.MapDataset.range(sys.maxsize // global_batch * local).map(read).batch(local, drop_remainder=True)
+    threads = max(1, int(input_cfg.num_threads))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
+        local * int(input_cfg.prefetch_batches), 1)))
+    if int(input_cfg.num_workers) > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(input_cfg.num_workers),
+                                                         per_worker_buffer_size=int(input_cfg.worker_buffer_size)))
+    return it
+
+
+def tfds_source(dataset_cfg: ConfigDict):
+    """``tfds.data_source`` of ``config.dataset`` (array_record, no TensorFlow); images left as PNG bytes so the
+    grain threads decode them with OpenCV (which releases the GIL)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(dataset_cfg.name, data_dir=dataset_cfg.data_dir or None)
+    except Exception as e:
+        raise ValueError(f"config.dataset.name={dataset_cfg.name!r} (data_dir={dataset_cfg.data_dir!r}): "
+                         f"{type(e).__name__}: {e}") from None
+    if dataset_cfg.split not in builder.info.splits:
+        raise ValueError(f"config.dataset.split={dataset_cfg.split!r}: dataset {dataset_cfg.name} has splits "
+                         f"{list(builder.info.splits)} (is it built in {dataset_cfg.data_dir or 'the TFDS default'}?)")
+    features = builder.info.features
+    missing = {IMAGE_KEY, MAP_KEY} - set(features.keys())
+    if missing:
+        raise ValueError(f"config.dataset.name={dataset_cfg.name!r}: features {sorted(missing)} missing "
+                         f"(has {sorted(features.keys())})")
+    decoders = {IMAGE_KEY: tfds.decode.SkipDecoding(), MAP_KEY: tfds.decode.SkipDecoding()}
+    return builder.as_data_source(split=dataset_cfg.split, decoders=decoders)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding,
+              global_batch: int) -> dict[str, jax.Array]:
+    """This process's block -> global arrays sharded over the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
+            for k, v in batch.items()}
