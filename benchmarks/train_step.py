@@ -115,8 +115,8 @@ def main():
     t_opt, _ = _time(upd, params, state["opt_state"], params, steps=args.steps)
     m = cfg.model
     keep = int((m.img_size // 16) ** 2 * (1 - cfg.masking.mask_ratio))
-    enc = metrics._vit_flops(keep + 1, m.embed_dim, m.depth, m.mlp_ratio)
-    dec = metrics._vit_flops((m.img_size // 16) ** 2 + 1, m.decoder_embed_dim, m.decoder_depth, m.mlp_ratio)
+    enc = metrics.vit_flops(keep + 1, m.embed_dim, m.depth, m.mlp_ratio)
+    dec = metrics.vit_flops((m.img_size // 16) ** 2 + 1, m.decoder_embed_dim, m.decoder_depth, m.mlp_ratio)
     model_t = max(t_nocons - t_opt, 0.0)
     print("breakdown (s/step): "
           f"encoder ~{model_t * enc / (enc + dec):.3f} | decoder ~{model_t * dec / (enc + dec):.3f} | "

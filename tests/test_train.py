@@ -86,6 +86,8 @@ def test_analytic_flops_match_the_published_vit_b16_count():
     # mask_ratio 0, no decoder: the plain ViT-B/16 forward, 17.56 GMACs (timm / fvcore count) = 35.1 GFLOPs
     fwd = metrics.mae_train_flops_per_example(cfg, 0.0) / 3
     np.testing.assert_allclose(fwd, 2 * 17.56e9, rtol=0.01)
+    # the fine-tuning backbone count (encoder on all patches) is the same plain ViT-B/16 forward
+    np.testing.assert_allclose(metrics.encoder_train_flops_per_example(cfg) / 3, 2 * 17.56e9, rtol=0.01)
 
 
 def test_peak_lookup_and_progress_line():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -54,8 +54,8 @@ def crop_params(rng: np.random.Generator, height: int, width: int, scale: Sequen
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _as_2d_uint8(value: Any, name: str) -> np.ndarray:
-    """Encoded PNG bytes or a decoded array (H, W) / (H, W, 1) -> uint8 (H, W)."""
+def as_2d_uint8(value: Any, name: str) -> np.ndarray:
+    """Encoded PNG bytes or a decoded array (H, W) / (H, W, 1) -> uint8 (H, W); errors name the feature."""
     if isinstance(value, (bytes, np.bytes_)):
         arr = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is None:
@@ -67,6 +67,8 @@ def _as_2d_uint8(value: Any, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.dtype != np.uint8:
         raise ValueError(f"feature {name!r}: expected a uint8 grey image, got {arr.dtype} {arr.shape}")
     return arr
+
+
 
 
 def augment(image: np.ndarray, vessel_map: np.ndarray, rng: np.random.Generator, *, size: int,
@@ -83,45 +85,61 @@ def augment(image: np.ndarray, vessel_map: np.ndarray, rng: np.random.Generator,
     return np.ascontiguousarray(img), np.ascontiguousarray(vmap)
 
 
-class _ReadAugment(grain.transforms.Map):
-    """Local position k -> global position g -> record -> augmented example (picklable for grain workers)."""
+class PairedCropFlip:
+    """The pre-training example: record {"image", "vessel_map"} -> the same crop/flip of both at ``size``
+    (picklable for grain workers)."""
 
-    def __init__(self, records: grain.MapDataset, num_records: int, *, global_batch: int, block_start: int,
-                 local_batch: int, seed: int, input_cfg: ConfigDict, size: int):
-        self.records, self.num_records = records, num_records
-        self.global_batch, self.block_start, self.local_batch = global_batch, block_start, local_batch
-        self.seed, self.size = seed, size
+    def __init__(self, input_cfg: ConfigDict, size: int):
+        self.size = size
         self.scale, self.ratio = tuple(input_cfg.crop_scale), tuple(input_cfg.crop_ratio)
         self.hflip_prob = float(input_cfg.hflip_prob)
+
+    def __call__(self, record: dict, rng: np.random.Generator, g: int) -> dict[str, np.ndarray]:
+        image, vmap = augment(as_2d_uint8(record[IMAGE_KEY], IMAGE_KEY), as_2d_uint8(record[MAP_KEY], MAP_KEY),
+                              rng, size=self.size, scale=self.scale, ratio=self.ratio, hflip_prob=self.hflip_prob)
+        if vmap.max(initial=0) > 1:
+            raise ValueError(f"record at global position {g}: vessel map holds values > 1 (expected {{0, 1}})")
+        return {"image": image, "vessel_map": vmap}
+
+
+ExampleFn = Callable[[dict, np.random.Generator, int], dict]
+
+
+class _ReadAt(grain.transforms.Map):
+    """Local position k -> global position g -> record -> ``example_fn(record, rng, g)`` + {"index": g}, with
+    ``rng`` keyed by (seed, epoch, g) (picklable for grain workers)."""
+
+    def __init__(self, records: grain.MapDataset, num_records: int, *, global_batch: int, block_start: int,
+                 local_batch: int, seed: int, example_fn: ExampleFn):
+        self.records, self.num_records = records, num_records
+        self.global_batch, self.block_start, self.local_batch = global_batch, block_start, local_batch
+        self.seed, self.example_fn = seed, example_fn
 
     def map(self, k: int) -> dict[str, np.ndarray]:
         step, j = divmod(int(k), self.local_batch)
         g = step * self.global_batch + self.block_start + j
-        record = self.records[g]
         rng = np.random.default_rng((self.seed, g // self.num_records, g))
-        image, vmap = augment(_as_2d_uint8(record[IMAGE_KEY], IMAGE_KEY), _as_2d_uint8(record[MAP_KEY], MAP_KEY),
-                              rng, size=self.size, scale=self.scale, ratio=self.ratio, hflip_prob=self.hflip_prob)
-        if vmap.max(initial=0) > 1:
-            raise ValueError(f"record at global position {g}: vessel map holds values > 1 (expected {{0, 1}})")
-        return {"image": image, "vessel_map": vmap, "index": np.int32(g)}
+        return {**self.example_fn(self.records[g], rng, g), "index": np.int32(g)}
 
 
 def make_dataset(source: Sequence, *, global_batch: int, process_index: int, process_count: int, seed: int,
-                 input_cfg: ConfigDict, size: int) -> grain.IterDataset:
+                 input_cfg: ConfigDict, size: int, example_fn: ExampleFn | None = None) -> grain.IterDataset:
     """Infinite iterator dataset of this process's block of every global batch.
 
-    ``source``: random-access sequence of dicts with ``image`` and ``vessel_map`` (uint8 arrays or PNG bytes).
-    Yields {"image": uint8 (b, size, size), "vessel_map": uint8 (b, size, size), "index": int32 (b,)} with
-    ``b = global_batch // process_count``.
+    ``source``: random-access sequence of records. ``example_fn(record, rng, g) -> dict of arrays`` makes one
+    example (default `PairedCropFlip`: records with ``image`` and ``vessel_map``, uint8 arrays or PNG bytes).
+    ``input_cfg`` also sets the reader threads / prefetch / worker processes. Yields ``example_fn``'s keys
+    batched, e.g. {"image": uint8 (b, size, size), "vessel_map": uint8 (b, size, size)}, plus
+    "index": int32 (b,) (global positions), with ``b = global_batch // process_count``.
     """
     if global_batch % process_count:
-        raise ValueError(f"batch_size {global_batch} does not split over {process_count} processes")
+        raise ValueError(f"config.batch_size={global_batch} does not split over {process_count} processes")
     if len(source) == 0:
         raise ValueError("the dataset split has no records")
     local = global_batch // process_count
     records = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    read = _ReadAugment(records, len(source), global_batch=global_batch, block_start=process_index * local,
-                        local_batch=local, seed=seed, input_cfg=input_cfg, size=size)
+    read = _ReadAt(records, len(source), global_batch=global_batch, block_start=process_index * local,
+                   local_batch=local, seed=seed, example_fn=example_fn or PairedCropFlip(input_cfg, size))
     ds = grain.MapDataset.range(sys.maxsize // global_batch * local).map(read).batch(local, drop_remainder=True)
     threads = max(1, int(input_cfg.num_threads))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(

@@ -34,7 +34,7 @@ def peak_tflops(device_kind: str, configured: float) -> float:
     return 0.0
 
 
-def _vit_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
+def vit_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
     """Forward matmul FLOPs (2 per multiply-add) of ``depth`` pre-norm ViT blocks on ``tokens`` tokens."""
     hidden = int(dim * mlp_ratio)
     per_block = 2 * tokens * dim * (3 * dim + dim + 2 * hidden) + 4 * tokens * tokens * dim
@@ -52,11 +52,23 @@ def mae_train_flops_per_example(model_cfg: ConfigDict, mask_ratio: float) -> flo
     keep = int(num_patches * (1 - mask_ratio))
     d, dd = model_cfg.embed_dim, model_cfg.decoder_embed_dim
     fwd = (2 * num_patches * p * p * c * d
-           + _vit_flops(keep + 1, d, model_cfg.depth, model_cfg.mlp_ratio)
+           + vit_flops(keep + 1, d, model_cfg.depth, model_cfg.mlp_ratio)
            + 2 * (keep + 1) * d * dd
-           + _vit_flops(num_patches + 1, dd, model_cfg.decoder_depth, model_cfg.mlp_ratio)
+           + vit_flops(num_patches + 1, dd, model_cfg.decoder_depth, model_cfg.mlp_ratio)
            + 2 * (num_patches + 1) * dd * p * p * c)
     return 3.0 * fwd
+
+
+def encoder_train_flops_per_example(model_cfg: ConfigDict) -> float:
+    """Analytic matmul FLOPs (forward + backward = 3x forward) of the ViT encoder on all patches + cls (the
+    fine-tuning backbone); a task head is left out, so TFLOP/s and MFU derived from it are lower bounds."""
+    p, c = model_cfg.patch_size, model_cfg.in_chans
+    num = (model_cfg.img_size // p) ** 2
+    fwd = 2 * num * p * p * c * model_cfg.embed_dim + vit_flops(num + 1, model_cfg.embed_dim, model_cfg.depth,
+                                                                model_cfg.mlp_ratio)
+    return 3.0 * fwd
+
+
 
 
 class MetricWriter:

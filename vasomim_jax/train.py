@@ -5,6 +5,9 @@ Sharded over a (data, fsdp) mesh with ``jax.jit`` + NamedSharding; the train sta
 state donated. Checkpoints (state + grain iterator) every ``checkpoint.every_steps``; the latest complete one is
 restored on start (``resumed from step N``), onto whatever mesh this run has. SIGTERM / SIGINT: finish the
 current step, save it, wait, exit 0. A non-finite loss stops the run (exit 1) before it is checkpointed.
+
+The loop and its setup pieces (`run_loop`, `compile_step`, `restore_or_init`, `write_run_config`, `StopFlag`,
+`memory_line`) are shared with fine-tuning (`vasomim_jax.finetune.train`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import logging as pylogging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +104,10 @@ def make_train_step(loss_fn, tx, grad_accum_steps: int):
     return train_step
 
 
-# ---------------------------------------------------------------------------------------------------- loop
+# ---------------------------------------------------------------------------------- loop (shared with finetune)
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / SIGINT set the flag; the loop saves at the step it just finished and exits 0."""
 
     def __init__(self):
@@ -114,7 +119,7 @@ class _StopFlag:
         self.signal = signal.Signals(signum).name
 
 
-def _memory_line(compiled) -> str:
+def memory_line(compiled) -> str:
     mem = compiled.memory_analysis()
     if mem is None:
         return "memory: not reported by this backend"
@@ -122,6 +127,114 @@ def _memory_line(compiled) -> str:
               "generated_code_size_in_bytes")
     return "memory: " + ", ".join(f"{f.removesuffix('_size_in_bytes')} {getattr(mem, f) / 2**20:.1f} MiB"
                                   for f in fields if hasattr(mem, f))
+
+
+def write_run_config(config: ConfigDict, workdir: Path) -> None:
+    """Process 0 creates ``workdir`` and writes its config.json."""
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def restore_or_init(manager, abstract_state, data_iter, init: Callable[[], Any]) -> tuple[Any, int]:
+    """(state, first step): the latest complete checkpoint (state and ``data_iter``, logs ``resumed from step
+    N``) or ``init()`` at step 0."""
+    restored = checkpoint.restore_latest(manager, abstract_state, data_iter)
+    if restored is None:
+        return init(), 0
+    state, start = restored
+    logging.info("resumed from step %d", start)
+    return state, start
+
+
+def compile_step(train_step, abstract_state, abstract_batch: dict, rng: jax.Array, mesh, what: str):
+    """``train_step(state, batch, rng) -> (state, metrics)`` jitted with the shardings the abstract trees carry
+    (rng and metrics replicated, state donated) and compiled ahead; logs compile time and the memory report."""
+    state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+    batch_sh = jax.tree.map(lambda x: x.sharding, abstract_batch)
+    rep = sharding.replicated(mesh)
+    step_fn = jax.jit(train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                      donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(abstract_state, abstract_batch, rng).compile()
+    logging.info("compiled the %s step in %.1f s", what, time.perf_counter() - t0)
+    logging.info(memory_line(compiled))
+    return compiled
+
+
+def run_loop(compiled, state, data_iter, *, batch_sharding, global_batch: int, rng: jax.Array, start: int,
+             total: int, manager, writer: metrics.MetricWriter, lr_fn, flops_per_step: float, peak: float,
+             log_every: int, checkpoint_every: int, evaluate_fn: Callable[[int, Any], dict] | None = None,
+             eval_every: int = 0, on_step: Callable[[int, Any, dict], None] | None = None) -> int:
+    """Runs ``compiled(state, batch, rng) -> (state, metrics)`` from step ``start`` to ``total``; returns the last
+    step. Closes ``manager`` (after its saves land) and ``writer``.
+
+    Each step: this process's block of the global batch (``next(data_iter)``) -> global arrays laid out as
+    ``batch_sharding`` -> the compiled step. Every ``log_every`` steps that step's own metrics (not a window
+    average) + ``lr`` + ``img_per_sec`` go to ``writer`` and the progress line. ``evaluate_fn(step, state) ->
+    scalars`` runs every ``eval_every`` steps (0: only at the end) and at ``total`` if given; its scalars go to
+    ``writer`` and its time is not counted as training throughput. ``on_step(step, state, host_batch)`` runs after
+    every step. The state and iterator are saved every ``checkpoint_every`` steps, at ``total`` and on SIGTERM /
+    SIGINT (then the loop stops; the caller exits 0). A non-finite loss raises SystemExit naming the step,
+    before that state is saved.
+    """
+    pidx, ndev = jax.process_index(), jax.device_count()
+    stop = StopFlag()
+    step = start
+    t_last, step_last = time.perf_counter(), step
+    pending = None  # (step, loss) of the previous step, checked once the next one is dispatched
+
+    def check_finite(at_step, loss):
+        if not math.isfinite(float(loss)):
+            raise SystemExit(f"non-finite loss {float(loss)} at step {at_step}; stopping with the last good "
+                             f"checkpoint kept in {manager.directory}")
+
+    try:
+        while step < total:
+            local = next(data_iter)
+            if step == start:
+                logging.info("process %d step %d reads global positions %s", pidx, step + 1,
+                             local["index"].tolist())
+            batch = input_pipeline.to_global(local, batch_sharding, global_batch)
+            state, step_metrics = compiled(state, batch, rng)
+            step += 1
+            if pending is not None:
+                check_finite(*pending)
+            pending = (step, step_metrics["loss"])
+            stopping = stop.signal  # read once: a signal landing later in this iteration waits for the next
+            save_now = step % checkpoint_every == 0 or step == total or stopping is not None
+            if step % log_every == 0 or save_now:
+                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                check_finite(step, scalars["loss"])
+                pending = None
+                now = time.perf_counter()
+                sec_per_step = (now - t_last) / max(step - step_last, 1)
+                t_last, step_last = now, step
+                img_s = global_batch / sec_per_step
+                scalars.update(lr=float(lr_fn(step - 1)), img_per_sec=img_s)
+                if step % log_every == 0:
+                    writer.write(step, scalars)
+                    logging.info(metrics.progress_line(step, total, scalars, img_per_sec_per_device=img_s / ndev,
+                                                       tflops_per_device=flops_per_step / sec_per_step / ndev / 1e12,
+                                                       peak=peak, seconds_per_step=sec_per_step))
+            if evaluate_fn is not None and ((eval_every and step % eval_every == 0) or step == total):
+                writer.write(step, evaluate_fn(step, state))
+                t_last = time.perf_counter()
+            if on_step is not None:
+                on_step(step, state, local)
+            if save_now:
+                checkpoint.save(manager, step, state, data_iter)
+            if stopping is not None:
+                logging.info("%s received: saved step %d, exiting", stopping, step)
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ pre-training
 
 
 def _params_from(config: ConfigDict, params, shardings):
@@ -156,9 +269,7 @@ def train(config: ConfigDict, workdir: str | Path) -> int:
     pidx, pcount = jax.process_index(), jax.process_count()
     logging.info("process %d/%d drives devices %s; mesh %s", pidx, pcount,
                  [d.id for d in jax.local_devices()], dict(mesh.shape))
-    if pidx == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    write_run_config(config, workdir)
 
     # Data: this process's contiguous block of every global batch.
     source = input_pipeline.tfds_source(config.dataset)
@@ -191,94 +302,42 @@ def train(config: ConfigDict, workdir: str | Path) -> int:
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["params"]):
             logging.info("param %s %s %s", sharding.path_str(path), tuple(leaf.shape), leaf.sharding.spec)
 
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    restored = checkpoint.restore_latest(manager, abstract, data_iter)
-    if restored is None:
+    def init():
         state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
         if config.init_from:
             state = dict(state, params=_params_from(config, state["params"], state_sh["params"]))
-        start = 0
-    else:
-        state, start = restored
-        logging.info("resumed from step %d", start)
+        return state
 
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in ("image", "vessel_map", "index")}
-    rep = sharding.replicated(mesh)
-    step_fn = jax.jit(make_train_step(loss_fn, tx, config.optim.grad_accum_steps),
-                      in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    state, start = restore_or_init(manager, abstract, data_iter, init)
+
+    batch_sh = sharding.batch_sharding(mesh)
     b, s = config.batch_size, m.img_size
     shapes = {"image": ((b, s, s), jnp.uint8), "vessel_map": ((b, s, s), jnp.uint8), "index": ((b,), jnp.int32)}
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])
-                      for k, (shape, dtype) in shapes.items()}
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(abstract, abstract_batch, train_key).compile()
-    logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
-    logging.info(_memory_line(compiled))
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
+    compiled = compile_step(make_train_step(loss_fn, tx, config.optim.grad_accum_steps), abstract, abstract_batch,
+                            train_key, mesh, "train")
 
-    writer = metrics.MetricWriter(workdir, enabled=pidx == 0, tensorboard=config.metrics.tensorboard)
-    flops_per_step = metrics.mae_train_flops_per_example(m, config.masking.mask_ratio) * config.batch_size
-    peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device)
-    panel_fn = None
+    on_step = None
     if config.metrics.panels_every_steps > 0 and pcount == 1:  # panels read params on host: single process
         from vasomim_jax import visualize
 
         panel_fn = visualize.make_panel_fn(model, config, total_steps=schedule.total_steps,
                                            steps_per_epoch=schedule.steps_per_epoch, max_examples=2)
-    stop = _StopFlag()
-    step, total = start, schedule.total_steps
-    t_last, step_last = time.perf_counter(), step
-    pending = None  # (step, loss) of the previous step, checked once the next one is dispatched
 
-    def check_finite(at_step, loss):
-        if not math.isfinite(float(loss)):
-            raise SystemExit(f"non-finite loss {float(loss)} at step {at_step}; stopping with the last good "
-                             f"checkpoint kept in {checkpoint.checkpoint_dir(workdir)}")
-
-    try:
-        while step < total:
-            local = next(data_iter)
-            if step == start:
-                logging.info("process %d step %d reads global positions %s", pidx, step + 1,
-                             local["index"].tolist())
-            batch = input_pipeline.to_global(local, batch_sh["image"], config.batch_size)
-            state, step_metrics = compiled(state, batch, train_key)
-            step += 1
-            if pending is not None:
-                check_finite(*pending)
-            pending = (step, step_metrics["loss"])
-            stopping = stop.signal  # read once: a signal landing later in this iteration waits for the next
-            save_now = step % config.checkpoint.every_steps == 0 or step == total or stopping is not None
-            if step % config.log_every_steps == 0 or save_now:
-                # That step's own values (not a window average); checked before any save of this state.
-                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                check_finite(step, scalars["loss"])
-                pending = None
-                now = time.perf_counter()
-                sec_per_step = (now - t_last) / max(step - step_last, 1)
-                t_last, step_last = now, step
-                img_s = config.batch_size / sec_per_step
-                scalars.update(lr=float(lr_fn(step - 1)), img_per_sec=img_s)
-                if step % config.log_every_steps == 0:
-                    writer.write(step, scalars)
-                    tflops = flops_per_step / sec_per_step / jax.device_count() / 1e12
-                    logging.info(metrics.progress_line(step, total, scalars,
-                                                       img_per_sec_per_device=img_s / jax.device_count(),
-                                                       tflops_per_device=tflops, peak=peak,
-                                                       seconds_per_step=sec_per_step))
-            if panel_fn is not None and step % config.metrics.panels_every_steps == 0:
+        def on_step(step, state, local):
+            if step % config.metrics.panels_every_steps == 0:
                 # step - 1: the 0-based step whose masks this train step drew.
                 visualize.log_panels(workdir / "tensorboard", step,
                                      panel_fn(state["params"], local, train_key, step - 1))
-            if save_now:
-                checkpoint.save(manager, step, state, data_iter)
-            if stopping is not None:
-                logging.info("%s received: saved step %d, exiting", stopping, step)
-                break
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-    return step
+
+    return run_loop(compiled, state, data_iter, batch_sharding=batch_sh, global_batch=config.batch_size,
+                    rng=train_key, start=start, total=schedule.total_steps, manager=manager,
+                    writer=metrics.MetricWriter(workdir, enabled=pidx == 0, tensorboard=config.metrics.tensorboard),
+                    lr_fn=lr_fn, flops_per_step=metrics.mae_train_flops_per_example(m, config.masking.mask_ratio) * b,
+                    peak=metrics.peak_tflops(jax.devices()[0].device_kind, config.metrics.peak_tflops_per_device),
+                    log_every=config.log_every_steps, checkpoint_every=config.checkpoint.every_steps,
+                    on_step=on_step)
 
 
 class _QuietLibraries:

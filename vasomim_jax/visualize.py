@@ -300,8 +300,8 @@ def load_examples(dataset_cfg, n: int, size: int) -> tuple[dict[str, np.ndarray]
     for i in range(n):
         record = source[i]
         img, vmap = input_pipeline.augment(
-            input_pipeline._as_2d_uint8(record["image"], "image"),
-            input_pipeline._as_2d_uint8(record["vessel_map"], "vessel_map"), np.random.default_rng(0), size=size,
+            input_pipeline.as_2d_uint8(record["image"], "image"),
+            input_pipeline.as_2d_uint8(record["vessel_map"], "vessel_map"), np.random.default_rng(0), size=size,
             scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_prob=0.0)
         images.append(img)
         maps.append(vmap)

@@ -1,10 +1,11 @@
 """Fine-tuning data: TFDS splits (segmentation pairs or labelled images) -> augmented uint8 batches, and the
 native-resolution evaluation reader.
 
-Same stream discipline as `vasomim_jax.input_pipeline`: records ``shuffle(seed).repeat()``, global position
-``g = epoch * num_records + position``, process p reads the contiguous block p of every global batch, and the
-augmentation of an example is drawn from ``np.random.default_rng((seed, epoch, g))`` — batches do not depend on
-the process count or on where the iterator was restored.
+The training stream is `vasomim_jax.input_pipeline.make_dataset` with this module's per-example function
+(`AugmentRecord`): records ``shuffle(seed).repeat()``, global position ``g = epoch * num_records + position``,
+process p reads the contiguous block p of every global batch, and the augmentation of an example is drawn from
+``np.random.default_rng((seed, epoch, g))`` — batches do not depend on the process count or on where the
+iterator was restored.
 
 Augmentation (host, OpenCV): resize to ``size``, then random scale, rotation and horizontal flip in one warp
 (reflect borders, bilinear image / nearest mask), then brightness / contrast jitter of the image.
@@ -12,7 +13,6 @@ Augmentation (host, OpenCV): resize to ``size``, then random scale, rotation and
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import cv2
@@ -20,7 +20,8 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from vasomim_jax.input_pipeline import _as_2d_uint8 as decode_grey  # PNG bytes | array -> uint8 (H, W)
+from vasomim_jax import input_pipeline
+from vasomim_jax.input_pipeline import as_2d_uint8 as decode_grey  # PNG bytes | array -> uint8 (H, W)
 
 
 def tfds_source(dataset_cfg: ConfigDict, split: str, keys: Sequence[str]):
@@ -76,52 +77,36 @@ def augment(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
     return img, (None if mask is None else warp(resize(mask, size, nearest=True), cv2.INTER_NEAREST))
 
 
-class _ReadAugment(grain.transforms.Map):
-    """Local position k -> global position g -> record -> {"image", "mask" | "label", "index"} (picklable)."""
+class AugmentRecord:
+    """Fine-tuning example: record -> {"image", "mask"} or {"image", "label"}, augmented at
+    ``config.model.img_size`` with the given generator (picklable for grain workers)."""
 
-    def __init__(self, records, num_records: int, *, global_batch: int, block_start: int, local_batch: int,
-                 seed: int, config: ConfigDict):
-        self.records, self.num_records = records, num_records
-        self.global_batch, self.block_start, self.local_batch = global_batch, block_start, local_batch
-        self.seed, self.size, self.input_cfg = seed, config.model.img_size, config.input
+    def __init__(self, config: ConfigDict):
+        self.size, self.input_cfg = config.model.img_size, config.input
         self.task, self.ds = config.task, config.dataset
 
-    def map(self, k: int) -> dict[str, np.ndarray]:
-        step, j = divmod(int(k), self.local_batch)
-        g = step * self.global_batch + self.block_start + j
-        record = self.records[g]
-        rng = np.random.default_rng((self.seed, g // self.num_records, g))
+    def __call__(self, record: dict, rng: np.random.Generator, g: int) -> dict[str, np.ndarray]:
         image = decode_grey(record[self.ds.image_key], self.ds.image_key)
         if self.task == "segmentation":
             mask = decode_grey(record[self.ds.mask_key], self.ds.mask_key)
             if mask.shape != image.shape:
                 raise ValueError(f"record at global position {g}: mask {mask.shape} != image {image.shape}")
             image, mask = augment(image, (mask > 0).astype(np.uint8), rng, size=self.size, input_cfg=self.input_cfg)
-            return {"image": image, "mask": mask, "index": np.int32(g)}
+            return {"image": image, "mask": mask}
         image, _ = augment(image, None, rng, size=self.size, input_cfg=self.input_cfg)
-        return {"image": image, "label": np.int32(record[self.ds.label_key]), "index": np.int32(g)}
+        return {"image": image, "label": np.int32(record[self.ds.label_key])}
 
 
 def make_train_dataset(source: Sequence, config: ConfigDict, *, process_index: int,
                        process_count: int) -> grain.IterDataset:
-    """Infinite iterator of this process's block of every global batch: {"image": uint8 (b, S, S),
-    "mask": uint8 (b, S, S) {0,1} | "label": int32 (b,), "index": int32 (b,)}, b = batch_size / process_count."""
-    global_batch = config.batch_size
-    if global_batch % process_count:
-        raise ValueError(f"config.batch_size={global_batch} does not split over {process_count} processes")
+    """Infinite iterator of this process's block of every global batch (`input_pipeline.make_dataset` with
+    `AugmentRecord`): {"image": uint8 (b, S, S), "mask": uint8 (b, S, S) {0,1} | "label": int32 (b,),
+    "index": int32 (b,)}, b = batch_size / process_count."""
     if len(source) == 0:
         raise ValueError(f"config.dataset.split={config.dataset.split!r}: the split has no records")
-    local = global_batch // process_count
-    records = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-    read = _ReadAugment(records, len(source), global_batch=global_batch, block_start=process_index * local,
-                        local_batch=local, seed=config.seed, config=config)
-    ds = grain.MapDataset.range(sys.maxsize // global_batch * local).map(read).batch(local, drop_remainder=True)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(config.input.num_threads)),
-                                              prefetch_buffer_size=max(local * int(config.input.prefetch_batches), 1)))
-    if int(config.input.num_workers) > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.input.num_workers),
-                                                         per_worker_buffer_size=int(config.input.worker_buffer_size)))
-    return it
+    return input_pipeline.make_dataset(source, global_batch=config.batch_size, process_index=process_index,
+                                       process_count=process_count, seed=config.seed, input_cfg=config.input,
+                                       size=config.model.img_size, example_fn=AugmentRecord(config))
 
 
 def eval_examples(source: Sequence, dataset_cfg: ConfigDict, task: str):

@@ -1,16 +1,15 @@
 """Fine-tuning: ``vasomim finetune --config=configs/seg_vessel.py --workdir=DIR [--config.x=y ...]``.
 
 Uses the pre-training machinery: the mesh and sharding rules (`sharding`), the jitted, donated train step
-(`train.make_train_step`, fed this task's loss), orbax checkpoints of state + grain iterator with resume
-(`checkpoint`), metrics.jsonl / TensorBoard / progress line (`metrics`). Evaluation on
+(`train.make_train_step`, fed this task's loss, compiled by `train.compile_step`), resume
+(`train.restore_or_init`) and the one loop (`train.run_loop`: orbax checkpoints of state + grain iterator,
+SIGTERM save, non-finite stop, metrics.jsonl / TensorBoard / progress line). Evaluation on
 ``config.dataset.eval_split`` every ``eval_every_steps`` and at the last step logs ``dice`` / ``cldice`` (means
 over images, native resolution) or ``accuracy`` / ``auc`` to metrics.jsonl.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from vasomim_jax import checkpoint, distributed, input_pipeline, metrics, sharding
+from vasomim_jax import checkpoint, distributed, metrics, sharding
 from vasomim_jax import config as config_lib
 from vasomim_jax import train as train_lib
 from vasomim_jax.finetune import data, evaluate, optim, task
@@ -48,16 +47,6 @@ def eval_scalars(summary: dict) -> dict[str, float]:
     return {"accuracy": summary["accuracy"], "auc": summary["auc"]}
 
 
-def encoder_train_flops_per_example(model_cfg: ConfigDict) -> float:
-    """Analytic matmul FLOPs (forward + backward = 3x forward) of the encoder on all patches; the conv decoder
-    is left out, so TFLOP/s and MFU are lower bounds."""
-    p, c = model_cfg.patch_size, model_cfg.in_chans
-    num = (model_cfg.img_size // p) ** 2
-    fwd = 2 * num * p * p * c * model_cfg.embed_dim + metrics._vit_flops(num + 1, model_cfg.embed_dim,
-                                                                           model_cfg.depth, model_cfg.mlp_ratio)
-    return 3.0 * fwd
-
-
 def train(config: ConfigDict, workdir: str | Path) -> int:
     """Runs (or resumes) fine-tuning to ``total_steps``; returns the last step."""
     workdir = Path(workdir)
@@ -67,9 +56,7 @@ def train(config: ConfigDict, workdir: str | Path) -> int:
     config_lib.validate_model(config.model)
     mesh = sharding.make_mesh(config)
     pidx, pcount = jax.process_index(), jax.process_count()
-    if pidx == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    train_lib.write_run_config(config, workdir)
 
     keys = evaluate.source_keys(config)
     train_source = data.tfds_source(config.dataset, config.dataset.split, keys)
@@ -95,67 +82,32 @@ def train(config: ConfigDict, workdir: str | Path) -> int:
     state_sh = sharding.named_shardings(abstract, config.sharding, mesh)
     abstract = checkpoint.abstract_like(abstract, state_sh)
 
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    restored = checkpoint.restore_latest(manager, abstract, data_iter)
-    if restored is None:
-        state = jax.jit(init_fn, out_shardings=state_sh)(init_key, backbone)
-        start = 0
+    def init():
         logging.info("initialised %s", f"the encoder from {config.init_from}" if backbone else "at random")
-    else:
-        state, start = restored
-        logging.info("resumed from step %d", start)
+        return jax.jit(init_fn, out_shardings=state_sh)(init_key, backbone)
+
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    state, start = train_lib.restore_or_init(manager, abstract, data_iter, init)
 
     batch_sh = sharding.batch_sharding(mesh)
-    rep = sharding.replicated(mesh)
-    step_fn = jax.jit(train_lib.make_train_step(task.make_loss_fn(model, config), tx, config.optim.grad_accum_steps),
-                      in_shardings=(state_sh, {k: batch_sh for k in batch_keys(config)}, rep),
-                      out_shardings=(state_sh, rep), donate_argnums=(0,))
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(abstract, abstract_batch(config, batch_sh), train_key).compile()
-    logging.info("compiled the fine-tuning step in %.1f s", time.perf_counter() - t0)
-    logging.info(train_lib._memory_line(compiled))
-    predict_fn = task.make_predict_fn(model, config, rep)
+    step_fn = train_lib.make_train_step(task.make_loss_fn(model, config), tx, config.optim.grad_accum_steps)
+    compiled = train_lib.compile_step(step_fn, abstract, abstract_batch(config, batch_sh), train_key, mesh,
+                                      "fine-tuning")
+    predict_fn = task.make_predict_fn(model, config, sharding.replicated(mesh))
 
-    writer = metrics.MetricWriter(workdir, enabled=pidx == 0, tensorboard=config.metrics.tensorboard)
-    flops_per_step = encoder_train_flops_per_example(config.model) * config.batch_size
-    peak = metrics.peak_tflops(jax.devices()[0].device_kind, 0.0)
-    stop = train_lib._StopFlag()
-    step, total = start, config.total_steps
-    t_last, step_last = time.perf_counter(), step
-    try:
-        while step < total:
-            batch = input_pipeline.to_global(next(data_iter), batch_sh, config.batch_size)
-            state, step_metrics = compiled(state, batch, train_key)
-            step += 1
-            save_now = step % config.checkpoint.every_steps == 0 or step == total or stop.signal
-            if step % config.log_every_steps == 0 or save_now:
-                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not all(map(math.isfinite, scalars.values())):
-                    raise SystemExit(f"non-finite training metrics {scalars} at step {step}")
-                now = time.perf_counter()
-                sec_per_step = (now - t_last) / max(step - step_last, 1)
-                t_last, step_last = now, step
-                scalars.update(lr=float(lr_fn(step - 1)), img_per_sec=config.batch_size / sec_per_step)
-                writer.write(step, scalars)
-                logging.info(metrics.progress_line(step, total, scalars,
-                                                   img_per_sec_per_device=scalars["img_per_sec"] / mesh.size,
-                                                   tflops_per_device=flops_per_step / sec_per_step / mesh.size / 1e12,
-                                                   peak=peak, seconds_per_step=sec_per_step))
-            if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total:
-                _, summary = evaluate.score_split(predict_fn, state["params"], eval_source, config, mesh)
-                writer.write(step, eval_scalars(summary))
-                logging.info("step %d eval on %s: %s", step, config.dataset.eval_split, summary)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            if save_now:
-                checkpoint.save(manager, step, state, data_iter)
-            if stop.signal:
-                logging.info("%s received: saved step %d, exiting", stop.signal, step)
-                break
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-    return step
+    def evaluate_fn(step, state):
+        _, summary = evaluate.score_split(predict_fn, state["params"], eval_source, config, mesh)
+        logging.info("step %d eval on %s: %s", step, config.dataset.eval_split, summary)
+        return eval_scalars(summary)
+
+    flops_per_step = metrics.encoder_train_flops_per_example(config.model) * config.batch_size
+    return train_lib.run_loop(
+        compiled, state, data_iter, batch_sharding=batch_sh, global_batch=config.batch_size, rng=train_key,
+        start=start, total=config.total_steps, manager=manager,
+        writer=metrics.MetricWriter(workdir, enabled=pidx == 0, tensorboard=config.metrics.tensorboard),
+        lr_fn=lr_fn, flops_per_step=flops_per_step, peak=metrics.peak_tflops(jax.devices()[0].device_kind, 0.0),
+        log_every=config.log_every_steps, checkpoint_every=config.checkpoint.every_steps,
+        evaluate_fn=evaluate_fn, eval_every=config.eval_every_steps)
 
 
 def main(argv) -> None:
