@@ -283,6 +283,58 @@ def test_build_mae_names_the_bad_config_field(field, value):
         models.build_mae(tiny_cfg(**{field: value}))
 
 
+# ---------------------------------------------------------------- stochastic depth (drop-path)
+def test_drop_path_drops_whole_examples_with_the_given_rate_and_keeps_the_mean():
+    x = jnp.ones((20000, 3))
+    y = vit.drop_path(x, jnp.float32(0.25), jax.random.key(0))
+    dropped = np.asarray(jnp.all(y == 0, axis=1))
+    assert np.all(np.asarray(y)[~dropped] == pytest.approx(1 / 0.75))
+    assert dropped.mean() == pytest.approx(0.25, abs=0.01)
+    np.testing.assert_array_equal(np.asarray(vit.drop_path(x, jnp.float32(0.0), jax.random.key(0))), x)
+
+
+def test_mae_drop_path_acts_on_the_encoder_only_in_training(tiny):
+    cfg, model, params = tiny
+    x = jax.random.normal(jax.random.key(8), (8, 32, 48, 1))
+    keep, restore, _ = random_masks(jax.random.key(9), 8, 24, 12)
+    dropping = model.clone(drop_path_rate=0.5)
+
+    @partial(jax.jit, static_argnums=(0, 1))
+    def outputs(mdl, train, key):
+        rngs = {"dropout": key}
+        pred = mdl.apply({"params": params}, x, keep, restore, train=train, rngs=rngs)
+        return pred, mdl.apply({"params": params}, x, train=train, rngs=rngs, method="encode")[0]
+
+    ref_pred, ref_tokens = outputs(model, False, jax.random.key(0))
+    for mdl, train in ((model, True), (dropping, False)):  # rate 0 or eval: today's model, bit for bit
+        pred, tokens = outputs(mdl, train, jax.random.key(1))
+        np.testing.assert_array_equal(pred, ref_pred)
+        np.testing.assert_array_equal(tokens, ref_tokens)
+    (pred1, tokens1), (pred2, _) = outputs(dropping, True, jax.random.key(1)), outputs(dropping, True,
+                                                                                     jax.random.key(2))
+    assert float(jnp.abs(pred1 - ref_pred).max()) > 1e-3 and float(jnp.abs(tokens1 - ref_tokens).max()) > 1e-3
+    assert float(jnp.abs(pred1 - pred2).max()) > 1e-3
+
+
+def test_drop_path_rate_rises_linearly_from_zero_over_the_blocks():
+    """timm's linspace(0, rate, depth): block 0 is never dropped, the last block at ``rate``."""
+    x = jax.random.normal(jax.random.key(0), (512, 3, 16))
+    two = vit.Transformer(dim=16, depth=2, num_heads=2, drop_path_rate=0.5)
+    params = jax.jit(two.init)(jax.random.key(1), x)
+    train = jax.jit(lambda k: two.apply(params, x, deterministic=False, rngs={"dropout": k}))(jax.random.key(2))
+    # Block 0 alone (its params, the same final norm) = both residual branches of block 1 dropped, p = 0.5^2.
+    one = vit.Transformer(dim=16, depth=1, num_heads=2)
+    first = jax.tree.map(lambda a: a[:1], params["params"]["blocks"])
+    block0 = jax.jit(one.apply)({"params": {"blocks": first, "norm": params["params"]["norm"]}}, x)
+    skipped = np.asarray(jnp.abs(train - block0).max(axis=(1, 2)) < 1e-5)
+    assert skipped.mean() == pytest.approx(0.25, abs=0.07)
+    single = vit.Transformer(dim=16, depth=1, num_heads=2, drop_path_rate=0.9)
+    run = jax.jit(lambda p, train: single.apply(p, x, deterministic=not train, rngs={"dropout": jax.random.key(2)}),
+                  static_argnums=1)
+    single_params = jax.jit(single.init)(jax.random.key(1), x)
+    np.testing.assert_array_equal(run(single_params, True), run(single_params, False))
+
+
 # ---------------------------------------------------------------- training-path properties
 def masked_mse(model, params, x, ids_keep, ids_restore, mask):
     pred = model.apply({"params": params}, x, ids_keep, ids_restore)

@@ -14,6 +14,7 @@ Flow of a pre-training build (`xa170k`, `angio_folder`, `synthetic_angio`):
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -325,6 +326,39 @@ class PretrainBuilder(VasoBuilder):
         if self._use_beam:
             return generate_beam(sources, recipe)
         return generate_plain(sources, recipe, pool)
+
+
+class FolderPretrainBuilder(PretrainBuilder):
+    """Base of the pre-training builders that read a manual_dir folder (`xa170k`, `angio_folder`): the `native`
+    and `r256` configs, the pre-training features, one `train` split. Subclasses set `find_sources`,
+    ``root -> ([Source], [ignored Path])``, and the MANUAL_DOWNLOAD_INSTRUCTIONS."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        VasoConfig(name="native", description="Images at their native resolution."),
+        VasoConfig(name="r256", resize_shorter=256,
+                   description="Shorter side resized to 256 (area filter); maps computed at native resolution, "
+                               "then resized by nearest neighbour. For fast input pipelines."),
+    ]
+    DEFAULT_CONFIG_NAME = "native"
+
+    @staticmethod
+    @abc.abstractmethod
+    def find_sources(root: Path) -> tuple[list[Source], list[Path]]:
+        """Abstract: keeps this base out of the TFDS registry."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=pretrain_features(),
+            homepage="https://github.com/Dxhuang-CASIA/XA-SSL",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        sources, ignored = self.find_sources(root)
+        return {"train": self.pretrain_split(sources, ignored, root)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

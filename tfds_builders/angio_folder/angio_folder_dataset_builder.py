@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorflow_datasets as tfds
-
 from tfds_builders import common, images
 
 
@@ -20,18 +18,10 @@ def find_sources(root: Path) -> tuple[list[images.Source], list[Path]]:
     return sources, ignored
 
 
-class Builder(common.PretrainBuilder):
+class Builder(common.FolderPretrainBuilder):
     """Angiograms from any folder tree, with their vessel maps, for pre-training."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
-        common.VasoConfig(name="native", description="Images at their native resolution."),
-        common.VasoConfig(name="r256", resize_shorter=256,
-                          description="Shorter side resized to 256; maps computed at native resolution, then "
-                                      "resized by nearest neighbour."),
-    ]
-    DEFAULT_CONFIG_NAME = "native"
+    find_sources = staticmethod(find_sources)
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Point --manual_dir at any folder of X-ray angiograms (sub-folders allowed; the top-level folder name becomes
     the `source` feature). Read: PNG, JPEG, TIFF, BMP, PGM, GIF (8- or 16-bit, grey or RGB) and, when pydicom is
@@ -40,15 +30,3 @@ class Builder(common.PretrainBuilder):
     present, else the 0.5-99.5 percentiles. Other files (README, .txt, .json, hidden files) are ignored.
       vasomim convert angio_folder --manual_dir=<folder> --data_dir=<data_dir>
     """
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.pretrain_features(),
-            homepage="https://github.com/Dxhuang-CASIA/XA-SSL",
-            metadata=tfds.core.MetadataDict(),
-        )
-
-    def _split_generators(self, dl_manager):
-        root = Path(dl_manager.manual_dir)
-        sources, ignored = find_sources(root)
-        return {"train": self.pretrain_split(sources, ignored, root)}

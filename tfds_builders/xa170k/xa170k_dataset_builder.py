@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorflow_datasets as tfds
-
 from tfds_builders import common, images
 
 SOURCES = ("cadica", "syntax", "xcad", "coronarydominance")
@@ -49,18 +47,10 @@ def find_sources(root: Path, *, dicom: bool = True) -> tuple[list[images.Source]
     return sources, ignored
 
 
-class Builder(common.PretrainBuilder):
+class Builder(common.FolderPretrainBuilder):
     """XA-170K (171,478 X-ray angiograms) with the vessel maps VasoMIM's masking samples from."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
-        common.VasoConfig(name="native", description="Images at their native resolution."),
-        common.VasoConfig(name="r256", resize_shorter=256,
-                          description="Shorter side resized to 256 (area filter); maps computed at native "
-                                      "resolution, then resized by nearest neighbour. For fast input pipelines."),
-    ]
-    DEFAULT_CONFIG_NAME = "native"
+    find_sources = staticmethod(find_sources)
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download XA-170K as published by the VasoMIM authors (github.com/Dxhuang-CASIA/XA-SSL, "Dataset" section:
     the release links to the four sub-corpora and to their precomputed vessel maps) and lay it out as:
@@ -76,16 +66,3 @@ class Builder(common.PretrainBuilder):
     Sources may be absent (they are then not in the dataset). Then run
       vasomim convert xa170k --manual_dir=<manual_dir> --data_dir=<data_dir>
     """
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.pretrain_features(),
-            supervised_keys=None,
-            homepage="https://github.com/Dxhuang-CASIA/XA-SSL",
-            metadata=tfds.core.MetadataDict(),
-        )
-
-    def _split_generators(self, dl_manager):
-        root = Path(dl_manager.manual_dir)
-        sources, ignored = find_sources(root)
-        return {"train": self.pretrain_split(sources, ignored, root)}

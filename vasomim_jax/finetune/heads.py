@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vasomim_jax.finetune.encoder import ViTEncoder
+from vasomim_jax.models.vit import ViTEncoder
 
 
 class ConvNormAct(nn.Module):

@@ -1,7 +1,10 @@
-"""Pre-norm ViT blocks (timm-exact structure) and a scanned block stack.
+"""Pre-norm ViT blocks (timm-exact structure), a scanned block stack with stochastic depth, and the MAE's ViT
+encoder on all patches (patch embedding + cls token + fixed sin-cos positions + block stack).
 
 Parameters are float32; ``dtype`` is the compute dtype (bfloat16 for mixed precision). Attention softmax and
 LayerNorm statistics run in float32 whatever ``dtype`` is. The residual stream keeps the dtype it enters with.
+Stochastic depth (drop-path) is off by default and active only with ``deterministic=False`` / ``train=True``
+and a 'dropout' rng.
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from vasomim_jax.models.pos_embed import sincos_2d
 
 LN_EPS = 1e-6
 # Official MAE initialises every Linear with xavier_uniform_ and zero bias.
 dense_init = nn.initializers.xavier_uniform()
+# Official MAE: xavier_uniform_ on the conv weight viewed as (D, p*p*C), i.e. fan_in = p*p*C, fan_out = D.
+patch_embed_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+token_init = nn.initializers.normal(stddev=0.02)
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
@@ -33,6 +42,14 @@ def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
 def dense(features: int, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=dense_init,
                     bias_init=nn.initializers.zeros, name=name)
+
+
+def drop_path(x: jnp.ndarray, rate: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
+    """Zeroes whole examples of a residual branch with probability ``rate`` and rescales the rest by 1/(1-rate)
+    (timm ``drop_path``). x (B, ...); rate a float scalar (may be traced: it is scanned over depth)."""
+    keep = 1.0 - rate
+    mask = jax.random.uniform(rng, (x.shape[0],) + (1,) * (x.ndim - 1)) < keep
+    return jnp.where(mask, x / jnp.maximum(keep, 1e-12).astype(x.dtype), jnp.zeros_like(x))
 
 
 class Attention(nn.Module):
@@ -69,23 +86,33 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``(x, _) -> (x, None)`` so that it can be the body of `nn.scan`."""
+    """Pre-norm transformer block with drop-path on both residual branches unless ``deterministic``.
+
+    ``(x (B, N, D), rate float32 scalar) -> (x, None)`` so that it is the body of an `nn.scan` over the rates."""
 
     dim: int
     num_heads: int
     mlp_hidden: int
     dtype: Any = jnp.float32
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, _: Any = None) -> tuple[jnp.ndarray, None]:
-        y = Attention(self.dim, self.num_heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x))
-        x = x + y.astype(x.dtype)
-        y = Mlp(self.mlp_hidden, self.dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
-        return x + y.astype(x.dtype), None
+    def __call__(self, x: jnp.ndarray, rate: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+        def residual(y):
+            y = y.astype(x.dtype)
+            return y if self.deterministic else drop_path(y, rate, self.make_rng("dropout"))
+
+        x = x + residual(Attention(self.dim, self.num_heads, self.dtype, name="attn")(
+            layer_norm(self.dtype, "norm1")(x)))
+        x = x + residual(Mlp(self.mlp_hidden, self.dim, self.dtype, name="mlp")(
+            layer_norm(self.dtype, "norm2")(x)))
+        return x, None
 
 
 class Transformer(nn.Module):
-    """``depth`` blocks under one `nn.scan` (params with a leading depth axis) and a final LayerNorm."""
+    """``depth`` blocks under one `nn.scan` (params with a leading depth axis) and a final LayerNorm.
+
+    Drop-path rate rises linearly 0 -> ``drop_path_rate`` over the blocks (timm); 0 switches it off."""
 
     dim: int
     depth: int
@@ -94,14 +121,82 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     remat_policy: str = "none"
     scan_unroll: int = 1  # lax.scan unroll factor; `depth` unrolls fully (benchmarks only)
+    drop_path_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """(B, N, D) float32 -> (B, N, D) in ``dtype`` after the final norm."""
+    def __call__(self, x: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
+        """(B, N, D) float32 -> (B, N, D) in ``dtype`` after the final norm. ``deterministic=False`` with a
+        non-zero rate needs a 'dropout' rng."""
         block = Block
         if self.remat_policy != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                        length=self.depth, unroll=self.scan_unroll)
-        x, _ = stack(self.dim, self.num_heads, int(self.dim * self.mlp_ratio), self.dtype, name="blocks")(x, None)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=0, length=self.depth, unroll=self.scan_unroll)
+        rates = jnp.asarray(np.linspace(0.0, self.drop_path_rate, self.depth), jnp.float32)
+        deterministic = deterministic or self.drop_path_rate == 0.0
+        x, _ = stack(self.dim, self.num_heads, int(self.dim * self.mlp_ratio), self.dtype, deterministic,
+                     name="blocks")(x, rates)
         return layer_norm(self.dtype, "norm")(x)
+
+
+class ViTEncoder(nn.Module):
+    """MAE's ViT encoder (timm ``forward_features``): patch embedding, cls token, fixed MAE sin-cos positions and
+    the `Transformer` named ``encoder``. Params: patch_embed/{kernel (p,p,C,D), bias}, cls_token (1,1,D),
+    encoder/{blocks, norm}; `MAE` extends this module with its decoder, so the names are shared.
+
+    ``drop_path_rate`` applies to the encoder blocks (see `Transformer`)."""
+
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+    remat_policy: str = "none"
+    scan_unroll: int = 1
+    drop_path_rate: float = 0.0
+
+    def setup(self):
+        p, d = self.patch_size, self.embed_dim
+        self.patch_embed = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                                   param_dtype=jnp.float32, kernel_init=patch_embed_init,
+                                   bias_init=nn.initializers.zeros)
+        self.cls_token = self.param("cls_token", token_init, (1, 1, d), jnp.float32)
+        self.encoder = Transformer(d, self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                                   remat_policy=self.remat_policy, scan_unroll=self.scan_unroll,
+                                   drop_path_rate=self.drop_path_rate)
+
+    def _grid(self, x: jnp.ndarray) -> tuple[int, int]:
+        name = type(self).__name__
+        if x.ndim != 4 or x.shape[-1] != self.in_chans:
+            raise ValueError(f"{name}: x must be (B, H, W, in_chans={self.in_chans}), got shape {x.shape}")
+        h, w, p = x.shape[1], x.shape[2], self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"{name}: image size {h}x{w} is not divisible by patch_size={p}")
+        return h // p, w // p
+
+    def _embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(B, H, W, C) -> patch tokens + pos (B, L, D) float32, and the encoder pos table (1+L, D)."""
+        gh, gw = self._grid(x)
+        pos = jnp.asarray(sincos_2d(self.embed_dim, (gh, gw), cls_token=True))
+        tokens = self.patch_embed(x).reshape(x.shape[0], gh * gw, self.embed_dim).astype(jnp.float32)
+        return tokens + pos[1:], pos
+
+    def _with_cls(self, tokens: jnp.ndarray, pos: jnp.ndarray) -> jnp.ndarray:
+        cls = jnp.broadcast_to(self.cls_token + pos[:1], (tokens.shape[0], 1, self.embed_dim))
+        return jnp.concatenate([cls, tokens], axis=1)
+
+    def encode(self, x: jnp.ndarray, *, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Encoder on all patches, no masking (timm ``forward_features``).
+
+        x: float (B, H, W, C) normalised. Returns tokens float32 (B, 1+L, D) after the final norm and the pooled
+        feature float32 (B, D) = tokens[:, 0] (cls token). ``train`` enables drop-path ('dropout' rng).
+        """
+        tokens, pos = self._embed(x)
+        tokens = self.encoder(self._with_cls(tokens, pos), deterministic=not train).astype(jnp.float32)
+        return tokens, tokens[:, 0]
+
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        """x float (B, H, W, C) normalised -> tokens float32 (B, 1+L, D); the tokens of `encode`."""
+        return self.encode(x, train=train)[0]
