@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from vasomim_jax import synthetic  # noqa: E402
 from vasomim_jax.vesselness import frangi, sato, vessel_maps  # noqa: E402
+from vasomim_jax.vesselness_maps import published_recipe  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,32 +47,6 @@ def best_of(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def flood_fill(kept: np.ndarray) -> np.ndarray:
-    """The published region growing: stack flood fill from the first arg-max over non-zero pixels, 4-connected."""
-    mask = np.zeros(kept.shape, np.uint8)
-    if not kept.any():
-        return mask
-    stack = [np.unravel_index(np.argmax(kept), kept.shape)]
-    while stack:
-        r, c = stack.pop()
-        if 0 <= r < kept.shape[0] and 0 <= c < kept.shape[1] and kept[r, c] and not mask[r, c]:
-            mask[r, c] = 1
-            stack += [(r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)]
-    return mask
-
-
-def reference_recipe(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """METHOD §2 with skimage: (sato response float64, binary map)."""
-    response = skimage.filters.sato(image, sigmas=[1, 2, 3, 4], black_ridges=True, mode="reflect", cval=0)
-    vessel = response.astype(np.uint8)
-    vessel[:20, :] = 0
-    vessel[-20:, :] = 0
-    vessel[:, :20] = 0
-    vessel[:, -20:] = 0
-    kept = np.where(vessel >= np.percentile(vessel, 92.0), vessel, 0)
-    return response, flood_fill(kept)
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -123,7 +98,7 @@ def main() -> None:
     ours = vessel_maps(images)
     ours_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    refs = [reference_recipe(im) for im in images]
+    refs = [published_recipe(im) for im in images]
     sk_s = time.perf_counter() - t0
     n = len(images)
     print(f"(c) vessel_maps {n} images: jax {n / ours_s:.1f} img/s ({1e3 * ours_s / n:.1f} ms/img), skimage recipe "

@@ -10,37 +10,15 @@ from PIL import Image
 
 from vasomim_jax import synthetic
 from vasomim_jax.vesselness import vessel_map, vessel_maps
-from vasomim_jax.vesselness_maps import grow_from_argmax, percentile_uint8
+from vasomim_jax.vesselness_maps import grow_from_argmax, percentile_uint8, published_flood_fill, published_recipe
 
 REAL = pathlib.Path(os.environ.get("VASOMIM_REAL_DATA", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 ARCADE = REAL / "arcade_stenosis_test" / "images"
 needs_arcade = pytest.mark.skipif(not ARCADE.is_dir(), reason=f"real angiograms not found at {ARCADE} (set VASOMIM_REAL_DATA)")
 
 
-def flood_fill(kept: np.ndarray) -> np.ndarray:
-    """The published region growing: stack flood fill over non-zero pixels from the first arg-max, 4-connected."""
-    mask = np.zeros(kept.shape, np.uint8)
-    if not kept.any():
-        return mask
-    stack = [np.unravel_index(np.argmax(kept), kept.shape)]
-    while stack:
-        r, c = stack.pop()
-        if 0 <= r < kept.shape[0] and 0 <= c < kept.shape[1] and kept[r, c] and not mask[r, c]:
-            mask[r, c] = 1
-            stack += [(r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)]
-    return mask
-
-
 def reference_recipe(image: np.ndarray, border=20, percentile=92.0) -> np.ndarray:
-    """METHOD §2 with skimage and numpy, written from the recipe's text."""
-    vessel = skimage.filters.sato(image, sigmas=[1, 2, 3, 4], black_ridges=True, mode="reflect", cval=0)
-    vessel = vessel.astype(np.uint8)
-    vessel[:border, :] = 0
-    vessel[-border:, :] = 0
-    vessel[:, :border] = 0
-    vessel[:, -border:] = 0
-    kept = np.where(vessel >= np.percentile(vessel, percentile), vessel, 0)
-    return flood_fill(kept)
+    return published_recipe(image, border=border, percentile=percentile)[1]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +45,7 @@ def test_label_based_region_growing_equals_the_published_flood_fill():
     grown = grow_from_argmax(kept)
     assert grown.dtype == np.uint8
     for i in range(len(kept)):
-        np.testing.assert_array_equal(grown[i], flood_fill(kept[i]), err_msg=f"map {i}")
+        np.testing.assert_array_equal(grown[i], published_flood_fill(kept[i]), err_msg=f"map {i}")
 
 
 def test_device_path_matches_the_recipe_on_synthetic_angiograms():

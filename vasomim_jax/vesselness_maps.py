@@ -96,6 +96,37 @@ def recipe_from_response(response: np.ndarray, border: int, percentile: float) -
     return grow_from_argmax(kept)
 
 
+def published_flood_fill(kept: np.ndarray) -> np.ndarray:
+    """XA-SSL's region growing as published: a stack flood fill over non-zero pixels of one (H, W) map from its
+    first arg-max, 4-connected -> uint8 {0, 1}. A Python pixel loop: the reference `grow_from_argmax` is pinned to."""
+    mask = np.zeros(kept.shape, np.uint8)
+    if not kept.any():
+        return mask
+    stack = [np.unravel_index(np.argmax(kept), kept.shape)]
+    while stack:
+        r, c = stack.pop()
+        if 0 <= r < kept.shape[0] and 0 <= c < kept.shape[1] and kept[r, c] and not mask[r, c]:
+            mask[r, c] = 1
+            stack += [(r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)]
+    return mask
+
+
+def published_recipe(image: np.ndarray, *, border: int = 20, percentile: float = 92.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' offline step for one uint8 (H, W) image, line by line as published (skimage Sato σ 1–4,
+    numpy percentile, stack flood fill): (float64 response, uint8 {0, 1} map). The reference of tests/benchmarks."""
+    from skimage import filters as skfilters
+
+    response = skfilters.sato(image, sigmas=[1, 2, 3, 4], black_ridges=True, mode="reflect", cval=0)
+    vessel = response.astype(np.uint8)
+    vessel[:border, :] = 0
+    vessel[-border:, :] = 0
+    vessel[:, :border] = 0
+    vessel[:, -border:] = 0
+    kept = np.where(vessel >= np.percentile(vessel, percentile), vessel, 0)
+    return response, published_flood_fill(kept)
+
+
 def _skimage_response(images: np.ndarray, filter: str, sigmas) -> np.ndarray:
     from skimage import filters as skfilters
 
