@@ -102,24 +102,26 @@ def test_any_real_dtype_is_accepted_without_rescaling():
                                   np.asarray(sato(image.astype(np.float32), sigmas=(1, 2))))
 
 
-def test_banded_row_operators_hold_every_nonzero_of_the_dense_operators():
+def test_banded_operators_hold_every_nonzero_of_the_dense_operators():
     sigmas = (1.0, 2.0, 3.0, 4.0)
-    dense = [[], [], []]  # (Hrr, Hrc, Hcc) row operators, rebuilt here in float64
-    for sigma in sigmas:
-        g0, g1 = _axis_filters(512, sigma)
-        for ops, op in zip(dense, (_difference_form(g1 @ g1), _difference_form(g0 @ g1), g0 @ g0)):
-            ops.append(op)
-    for banded, ref in zip(hessian_operators(512, sigmas, 0), dense):
-        ref = np.stack(ref).astype(np.float32)
-        s, nb, t, wn = banded.blocks.shape
-        assert nb > 1 and wn < ref.shape[-1] // 2  # long images use the banded form
-        rebuilt = np.zeros((s, nb * t, ref.shape[-1]), np.float32)
-        for j, lo in enumerate(banded.starts):
-            rebuilt[:, j * t : (j + 1) * t, lo : lo + wn] = banded.blocks[:, j]
-        np.testing.assert_array_equal(rebuilt[:, :512], ref)
-        assert not rebuilt[:, 512:].any()
-    image = np.random.default_rng(0).integers(0, 256, (3, 512, 40), dtype=np.uint8)
-    assert_matches_skimage("sato", image, sigmas=sigmas)
+    for axis in (0, 1):
+        for sigma, banded_ops in zip(sigmas, hessian_operators(512, sigmas, axis)):
+            g0, g1 = _axis_filters(512, sigma)
+            dense = ((_difference_form(g1 @ g1), _difference_form(g0 @ g1), g0 @ g0) if axis == 0 else
+                     (g0 @ g0, _difference_form(g1 @ g0), _difference_form(g1 @ g1)))
+            for banded, ref in zip(banded_ops, dense):
+                ref = ref.astype(np.float32)
+                nb, t, wn = banded.blocks.shape
+                assert nb > 1 and wn < ref.shape[-1] // 2  # long images use the banded form
+                rebuilt = np.zeros((nb * t, ref.shape[-1]), np.float32)
+                for j, lo in enumerate(banded.starts):
+                    rebuilt[j * t : (j + 1) * t, lo : lo + wn] = banded.blocks[j]
+                np.testing.assert_array_equal(rebuilt[:512], ref)
+                assert not rebuilt[512:].any()
+    for shape in ((3, 512, 40), (2, 40, 512)):  # banded along one axis, dense along the other
+        image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        assert_matches_skimage("sato", image, sigmas=sigmas)
+        assert_matches_skimage("frangi", image, sigmas=sigmas)
 
 
 def test_difference_form_reproduces_the_operator():

@@ -113,26 +113,11 @@ def forward(model, config, params, batch: dict, rng: jax.Array, step, *, total_s
                           norm_pix=lc.norm_pix_loss, unbiased=lc.unbiased_var, paste_visible=lc.paste_visible)
 
 
-def frangi_gamma(grey: jax.Array, sigma: float) -> jax.Array:
-    """skimage's automatic Frangi γ per image: max over pixels of S = √(λ1² + λ2²) at ``sigma``, halved (1 when 0).
-
-    grey float (B, H, W) → float32 (B,).
-    """
-    _, h, w = grey.shape
-    sig = (float(sigma),)
-    left, right = vesselness.hessian_operators(h, sig, 0), vesselness.hessian_operators(w, sig, 1)
-    e_hi, e_lo = vesselness.hessian_eigenvalues(grey.astype(jnp.float32), left, right)  # (1, H, B, W)
-    peak = jnp.max(jnp.square(e_hi) + jnp.square(e_lo), axis=(0, 1, 3))
-    return jnp.where(peak > 0, jnp.sqrt(jnp.where(peak > 0, peak, 1.0)) / 2, 1.0)
-
-
 def frangi_with_gamma(grey: jax.Array, gamma: jax.Array, *, sigmas, alpha: float, beta: float) -> jax.Array:
     """Frangi (dark ridges) of each image (B, H, W) with its own γ (B,) → float32 (B, H, W) clipped to [0, 1]."""
-    def one(image, g):
-        return vesselness.frangi(image, sigmas=tuple(sigmas), alpha=alpha, beta=beta, gamma=g, black_ridges=True)
-
     # frangi's output is a product of exponential terms, already in [0, 1]; the clip only guards rounding.
-    return jnp.clip(jax.vmap(one)(grey, gamma), 0.0, 1.0)
+    return jnp.clip(vesselness.frangi(grey, sigmas=tuple(sigmas), alpha=alpha, beta=beta, gamma=gamma,
+                                      black_ridges=True), 0.0, 1.0)
 
 
 def frangi_settings(loss_cfg) -> dict:
@@ -148,7 +133,7 @@ def frangi_on_input_scale(grey_in: jax.Array, *greys: jax.Array, sigmas, alpha: 
     pass covers only ``greys``.
     """
     grey_in = jax.lax.stop_gradient(grey_in.astype(jnp.float32))
-    gamma = jax.lax.stop_gradient(frangi_gamma(grey_in, sigmas[0]))
+    gamma = jax.lax.stop_gradient(vesselness.frangi_gamma(grey_in, sigmas[0]))
     return [frangi_with_gamma(g.astype(jnp.float32), gamma, sigmas=sigmas, alpha=alpha, beta=beta)
             for g in (grey_in, *greys)]
 

@@ -8,7 +8,7 @@ from vasomim_jax.vesselness_filters import (
     DEFAULT_SIGMAS,
     check_finite,
     frangi,
-    hessian_eigenvalues,
+    frangi_gamma,
     hessian_operators,
     sato,
 )
@@ -18,7 +18,7 @@ __all__ = (
     "DEFAULT_SIGMAS",
     "check_finite",
     "frangi",
-    "hessian_eigenvalues",
+    "frangi_gamma",
     "hessian_operators",
     "sato",
     "vessel_map",
