@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from skimage import color, data, filters
 
 from vasomim_jax import synthetic
-from vasomim_jax.vesselness import check_finite, frangi, hessian_operators, sato
+from vasomim_jax.vesselness import check_finite, frangi, frangi_gamma, hessian_operators, sato
 from vasomim_jax.vesselness_filters import _axis_filters, _difference_form
 
 REAL = pathlib.Path(os.environ.get("VASOMIM_REAL_DATA", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -83,6 +83,10 @@ def test_frangi_gamma_is_taken_per_image_at_first_sigma():
     np.testing.assert_allclose(np.asarray(frangi(batch, sigmas=(2, 1, 3))[1]),
                                np.asarray(frangi(batch[1], sigmas=(2, 1, 3))), rtol=0, atol=1e-6)
     assert_matches_skimage("frangi", batch, sigmas=(1, 2), gamma=3.0, beta=0.8)
+    # The automatic γ is `frangi_gamma`; passing it back explicitly, one per image, changes nothing.
+    gammas = frangi_gamma(batch, 2)
+    np.testing.assert_allclose(np.asarray(frangi(batch, sigmas=(2, 1, 3), gamma=gammas)),
+                               np.asarray(frangi(batch, sigmas=(2, 1, 3))), rtol=0, atol=1e-6)
 
 
 def test_frangi_keeps_skimage_response_where_the_hessian_is_exactly_singular():
@@ -204,5 +208,7 @@ def test_bad_parameters_are_rejected():
         frangi(image, beta=0.0)
     with pytest.raises(ValueError, match="gamma"):
         frangi(image, gamma=0.0)
+    with pytest.raises(ValueError, match=r"gamma must be a scalar or one value per image \(2,\)"):
+        frangi(np.zeros((2, 8, 8)), gamma=np.ones(3))
     with pytest.raises(TypeError, match="real-valued"):
         sato(np.zeros((8, 8), np.complex64))
