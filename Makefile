@@ -9,6 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEPS_HASH := $(shell cksum < pyproject.toml | cut -d' ' -f1)
 BASE_STAMP := $(VENV)/.base-$(DEPS_HASH)
 TORCH_STAMP := $(VENV)/.torch-$(DEPS_HASH)
+CONVERT_STAMP := $(VENV)/.convert-$(DEPS_HASH)
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow install clean
@@ -28,15 +29,22 @@ $(TORCH_STAMP): $(BASE_STAMP)
 	@rm -f $(VENV)/.torch-*
 	@touch $@
 
+# The convert extra (TensorFlow, apache-beam, mlcroissant) is for the `tfds build` CLI test only; it resolves
+# alongside jax and torch without changing their versions. Installed after torch so pip runs one at a time.
+$(CONVERT_STAMP): $(TORCH_STAMP)
+	$(BIN)/pip install --quiet -e '.[convert]'
+	@rm -f $(VENV)/.convert-*
+	@touch $@
+
 install: $(BASE_STAMP)
 
 demo: $(BASE_STAMP)
 	$(BIN)/vasomim demo --out=demo_out
 
-test: $(TORCH_STAMP)
+test: $(CONVERT_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-slow: $(TORCH_STAMP)
+test-slow: $(CONVERT_STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean:

@@ -3,6 +3,8 @@ skip_bad_files the rest builds and the bad files are listed in the metadata and 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -104,3 +106,41 @@ def test_segmentation_pairs_without_mask_or_with_a_wrong_size_mask_are_bad(tmp_p
     summary = convert.run("vessel_seg_folder", manual_dir=str(root), data_dir=str(tmp_path / "data"),
                           num_workers=1, skip_bad_files=True)
     assert summary.examples_per_split == {"train": 1} and summary.num_skipped_files == 2
+
+
+def _only_a_readme(root):
+    root.mkdir()
+    (root / "README.md").write_text("ignored")
+
+
+def _only_non_images(root):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "images" / "notes.txt").write_text("ignored")
+
+
+def _one_split_all_bad(root):
+    synthetic(root / "train" / "a" / "0.png", 0, 32)
+    (root / "test" / "a").mkdir(parents=True)
+    (root / "test" / "a" / "1.png").write_bytes(b"")
+
+
+def _annotations_without_images(root):
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "test.json").write_text('{"images": [], "annotations": []}')
+
+
+@pytest.mark.parametrize("name, layout, where", [
+    ("angio_folder", _only_a_readme, r"split\(s\) train"),
+    ("vessel_seg_folder", _only_non_images, "any split"),
+    ("class_folder", _one_split_all_bad, r"split\(s\) test"),
+    ("arcade", _annotations_without_images, r"split\(s\) test"),
+])
+def test_a_build_with_an_empty_split_fails_naming_the_manual_dir(tmp_path, name, layout, where):
+    root = tmp_path / "manual"
+    layout(root)
+    message = f"{name}/.*no usable examples for {where} in the manual_dir {re.escape(str(root))} "
+    with pytest.raises(SystemExit, match=message):
+        convert.run(name, manual_dir=str(root), data_dir=str(tmp_path / "data"), num_workers=1, skip_bad_files=True)
+    assert shard_files(tmp_path / "data") == []

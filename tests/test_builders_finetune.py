@@ -86,6 +86,22 @@ def test_vessel_seg_folder_pairs_cimat_images_and_binarised_masks(tmp_path):
         np.testing.assert_array_equal(rec["mask"][..., 0], (gt > 127).astype(np.uint8))
 
 
+def test_vessel_seg_folder_builds_a_manual_dir_of_symlinked_split_folders_and_files(tmp_path):
+    store, manual = tmp_path / "store", tmp_path / "manual"
+    imgs = {k: synthetic(store / "images" / f"{k}.png", k, 32) for k in range(3)}
+    for k, img in imgs.items():
+        write(store / "masks" / f"{k}_gt.png", (img < 90).astype(np.uint8) * 255)
+    for kind in ("images", "masks"):
+        (manual / kind / "testing").mkdir(parents=True)
+        (manual / kind / "training").symlink_to(store / kind)
+    for kind, name in (("images", "9.png"), ("masks", "9_gt.png")):
+        (manual / kind / "testing" / name).symlink_to(store / kind / name.replace("9", "0"))
+    builder = _build("vessel_seg_folder", manual, tmp_path / "data")
+    assert {s: int(i.num_examples) for s, i in builder.info.splits.items()} == {"test": 1, "train": 3}
+    train = read_split("vessel_seg_folder", tmp_path / "data", "train")
+    np.testing.assert_array_equal(train["training/1.png"]["mask"][..., 0], (imgs[1] < 90).astype(np.uint8))
+
+
 def test_vessel_seg_folder_pairing_rule_is_configurable_with_fov(tmp_path):
     manual = tmp_path / "drive"
     img = synthetic(manual / "img" / "21_training.png", 0, 32)

@@ -101,6 +101,20 @@ def test_scan_ignores_hidden_and_non_image_files(tmp_path):
                                                                       "notes.txt"]
 
 
+def test_scan_follows_symlinked_folders_and_files_and_enters_a_loop_once(tmp_path):
+    store, root = tmp_path / "store", tmp_path / "root"
+    for rel in ["train/x.png", "test/y.png"]:
+        (store / rel).parent.mkdir(parents=True, exist_ok=True)
+        (store / rel).write_bytes(b"x")
+    root.mkdir()
+    (root / "training").symlink_to(store / "train")  # a split folder that is a link
+    (root / "z.png").symlink_to(store / "test" / "y.png")  # a file that is a link
+    (store / "train" / "loop").symlink_to(root)  # a link back up: walked once, not forever
+    found, ignored = images.scan_tree(root)
+    assert [str(p.relative_to(root)) for p in found] == ["z.png", "training/x.png"]
+    assert ignored == []
+
+
 def _write_dicom(path, frames: np.ndarray, *, center=None, width=None, photometric="MONOCHROME2", voi_lut=None):
     pydicom = pytest.importorskip("pydicom", reason="pydicom (the dicom extra) is not installed")
     from pydicom.dataset import FileMetaDataset

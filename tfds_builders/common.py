@@ -21,7 +21,7 @@ import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -276,6 +276,17 @@ class VasoBuilder(tfds.core.GeneratorBasedBuilder):
         """The builder config with the constructor's run options applied."""
         return dataclasses.replace(self.builder_config, **self._overrides)
 
+    def require_examples(self, counts: Mapping[str, int], root: Path, *, bad: int = 0, ignored: int = 0) -> None:
+        """Fails when the manual_dir gave no split, or a split with no example: an empty build is never silent."""
+        empty = sorted(split for split, n in counts.items() if n == 0)
+        if counts and not empty:
+            return
+        where = f"split(s) {', '.join(empty)}" if empty else "any split"
+        raise FileNotFoundError(
+            f"{self.name}/{self.builder_config.name}: no usable examples for {where} in the manual_dir {root} "
+            f"({bad} bad file(s) skipped, {ignored} other file(s) ignored). Expected layout:\n"
+            f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
 
 class PretrainBuilder(VasoBuilder):
     """Base of the image + vessel-map builders: Beam when the build has Beam options, a generator otherwise."""
@@ -295,6 +306,7 @@ class PretrainBuilder(VasoBuilder):
         pool = None if self._use_beam else process_pool(min(num_workers(config), max(1, len(sources) // 8)))
         try:
             good, bad = check_all(sources, images.check_source, config, name, pool=pool)
+            self.require_examples({"train": len(good)}, root, bad=len(bad), ignored=len(ignored))
         except BaseException:
             if pool:
                 pool.shutdown()
@@ -302,11 +314,6 @@ class PretrainBuilder(VasoBuilder):
         # Generated grouped by image size: same-size batches for the filter, few distinct shapes to compile.
         # (Records are ordered by key hash on disk, so the generation order does not show.)
         kept = [s for s, r in sorted(good, key=lambda g: (g[1][2], g[0].file_name))]
-        if not kept:
-            if pool:
-                pool.shutdown()
-            raise FileNotFoundError(f"{name}: no usable image files under {root} ({len(bad)} bad, "
-                                    f"{len(ignored)} ignored non-image files)")
         frames = {s.file_name: r[0] for s, r in good}
         per_source = Counter()
         for s in kept:

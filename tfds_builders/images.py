@@ -51,10 +51,22 @@ def is_image_path(path: str | Path, *, dicom: bool = True) -> bool:
 
 
 def scan_tree(root: Path, *, dicom: bool = True) -> tuple[list[Path], list[Path]]:
-    """All image files under `root` (sorted, hidden files and folders skipped) and the ignored other files."""
+    """All image files under `root` (sorted, hidden files and folders skipped) and the ignored other files.
+
+    Symbolic links to folders are followed (a manual_dir is often assembled from links to the data); a link to
+    a folder that is already being walked (a loop) is not entered again — its files are listed once.
+    """
     images, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    chains = {os.fspath(root): {os.path.realpath(root)}}  # folder -> real paths of it and its ancestors
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = chains.pop(dirpath)
+        kept = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in chain:
+                chains[os.path.join(dirpath, d)] = chain | {real}
+                kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(dirpath) / name
             (images if not name.startswith(".") and is_image_path(path, dicom=dicom) else ignored).append(path)

@@ -110,8 +110,9 @@ class Builder(common.VasoBuilder):
     def _split_generators(self, dl_manager):
         config = self.options
         name = f"arcade/{config.name}"
-        out, skipped = {}, []
-        for split, (img_dir, ann_path) in find_splits(Path(dl_manager.manual_dir), config.name).items():
+        root = Path(dl_manager.manual_dir)
+        kept, skipped = {}, []
+        for split, (img_dir, ann_path) in find_splits(root, config.name).items():
             coco = json.loads(ann_path.read_text())
             by_image = {}
             for ann in coco.get("annotations", []):
@@ -122,11 +123,11 @@ class Builder(common.VasoBuilder):
             good, bad = common.check_all(items, _check_image, config, f"{name} {split}")
             skipped += bad
             ok = {g[0][0] for g in good}
-            out[split] = self._generate_examples(
-                [(e, str(img_dir / e["file_name"]), by_image.get(e["id"], [])) for e in entries
-                 if str(img_dir / e["file_name"]) in ok], split)
-        self.info.metadata.update(common.bad_metadata(skipped, [], Path(dl_manager.manual_dir)))
-        return out
+            kept[split] = [(e, str(img_dir / e["file_name"]), by_image.get(e["id"], [])) for e in entries
+                           if str(img_dir / e["file_name"]) in ok]
+        self.require_examples({s: len(e) for s, e in kept.items()}, root, bad=len(skipped))
+        self.info.metadata.update(common.bad_metadata(skipped, [], root))
+        return {split: self._generate_examples(entries, split) for split, entries in kept.items()}
 
     def _generate_examples(self, entries, split):
         task = self.builder_config.name

@@ -64,14 +64,15 @@ class Builder(common.VasoBuilder):
         by_split, labels, ignored = find_examples(root)
         self.info.features["label"].names = labels
         c = self.options
-        out, skipped = {}, []
+        kept, skipped = {}, []
         for split, entries in sorted(by_split.items()):
             good, bad = common.check_all([str(p) for _, p in entries], _check, c, f"class_folder {split}")
             skipped += bad
             ok = {g[0] for g in good}
-            out[split] = self._generate_examples([(lab, p, root) for lab, p in entries if str(p) in ok])
+            kept[split] = [(lab, p, root) for lab, p in entries if str(p) in ok]
+        self.require_examples({s: len(e) for s, e in kept.items()}, root, bad=len(skipped), ignored=len(ignored))
         self.info.metadata.update(common.bad_metadata(skipped, ignored, root))
-        return out
+        return {split: self._generate_examples(entries) for split, entries in kept.items()}
 
     def _generate_examples(self, entries):
         for label, path, root in entries:

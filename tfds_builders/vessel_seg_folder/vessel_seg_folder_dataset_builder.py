@@ -102,10 +102,12 @@ class Builder(common.VasoBuilder):
         if (bad or bad_decode) and not c.skip_bad_files:
             raise common.BadFilesError(f"vessel_seg_folder/{c.name}", bad + bad_decode)
         self.info.metadata.update(common.bad_metadata(bad + bad_decode, ignored, root))
-        splits = {}
+        splits = {split_of(rel): [] for rel in rels}
         for (image, mask, fov), _ in good:
             rel = Path(image).relative_to(img_root)
-            splits.setdefault(split_of(rel), []).append((str(rel), image, mask, fov))
+            splits[split_of(rel)].append((str(rel), image, mask, fov))
+        self.require_examples({s: len(e) for s, e in splits.items()}, root, bad=len(bad + bad_decode),
+                              ignored=len(ignored))
         return {split: self._generate_examples(entries) for split, entries in sorted(splits.items())}
 
     def _generate_examples(self, entries):

@@ -43,7 +43,7 @@ def find_sources(root: Path, *, dicom: bool = True) -> tuple[list[images.Source]
             ignored += [p for p in images.scan_tree(map_dir)[0] if str(p.relative_to(map_dir)) not in names]
     for path in sorted(root.iterdir()):
         if path.name not in used_dirs:
-            ignored += [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            ignored += [path] if not path.is_dir() else [p for found in images.scan_tree(path) for p in found]
     return sources, ignored
 
 
