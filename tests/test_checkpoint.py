@@ -1,5 +1,5 @@
 """Specifications of vasomim_jax.checkpoint on a dummy train state: state + grain iterator round trip, keep-last-K,
-truncated step folders skipped, host-side params export."""
+truncated step folders skipped, restore across process counts, host-side params export."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import common
-from vasomim_jax import checkpoint, sharding
+from vasomim_jax import checkpoint, input_pipeline, sharding
 
 
 def _state(seed):
@@ -110,13 +110,33 @@ def test_manager_options_are_validated():
     shutil.rmtree("/tmp/unused", ignore_errors=True)
 
 
-def test_a_checkpoint_from_another_process_count_is_refused_not_moved(tmp_path):
+def _pipeline_iterator():
+    rng = np.random.default_rng(0)
+    source = [{"image": rng.integers(0, 256, (12, 12), dtype=np.uint8), "vessel_map": np.zeros((12, 12), np.uint8)}
+              for _ in range(10)]
+    return iter(input_pipeline.make_dataset(source, global_batch=4, process_index=0, process_count=1, seed=0,
+                                            input_cfg=common.pretrain_config().input, size=8))
+
+
+def test_a_checkpoint_from_another_process_count_restores_and_repositions_the_iterator(tmp_path, caplog):
     _, manager, shardings = _setup(tmp_path, keep=3)
-    _save_steps(manager, [1])
-    data_iter = tmp_path / "checkpoints" / "1" / "data_iter"
+    it = _pipeline_iterator()
+    for _ in range(3):
+        next(it)
+    checkpoint.save(manager, 3, _state(3), it)
+    manager.wait_until_finished()
+    data_iter = tmp_path / "checkpoints" / "3" / "data_iter"
     for f in data_iter.glob("process_*"):
-        f.rename(data_iter / "process_0-of-2.json")  # as written by process 0 of a 2-process run
-    with pytest.raises(ValueError, match=r"written by \['2'\] processes"):
-        checkpoint.restore_latest(manager, checkpoint.abstract_like(_state(0), shardings), _iterator())
-    assert (tmp_path / "checkpoints" / "1").is_dir()
+        f.unlink()
+    for p in range(2):  # as written by a 2-process run: no state file for process 0 of 1
+        (data_iter / f"process_{p}-of-2.json").write_text(json.dumps({"next_global_batch": 3}))
+    resumed = _pipeline_iterator()
+    next(resumed)  # wherever it stood, the step repositions it
+    with caplog.at_level("INFO", logger=checkpoint.__name__):
+        state, step = checkpoint.restore_latest(manager, checkpoint.abstract_like(_state(0), shardings), resumed)
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, state, _state(3))
+    assert "data iterator: checkpoint written by 2 processes, now 1; repositioned from step 3" in caplog.text
+    np.testing.assert_array_equal(next(resumed)["index"], next(it)["index"])  # global batch 3: [12, 16)
+    assert (tmp_path / "checkpoints" / "3").is_dir()
     manager.close()

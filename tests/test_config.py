@@ -89,11 +89,20 @@ def test_demo_config_runs_on_eight_fake_devices():
     ("--config.mesh.fsdp=3", "mesh"),
     ("--config.model.dtype=float16", "model.dtype"),
     ("--config.loss.consistency_distance=mse", "loss.consistency_distance"),
+    ("--config.dataset.name=angio_folder/r256,,synthetic_angio", "dataset.name"),
 ])
 def test_bad_values_name_the_field_and_value(override, field):
     c = load("configs/demo_tiny.py", "--config.masking.beta_start=0.1", override)
     with pytest.raises(cfg.ConfigError, match=rf"config\.{field}\b"):
         cfg.validate_pretrain_config(c, num_devices=8)
+
+
+def test_dataset_name_lists_several_builds_for_pretraining_only():
+    c = load("configs/demo_tiny.py", "--config.dataset.name=angio_folder/r256, synthetic_angio/small")
+    cfg.validate_pretrain_config(c, num_devices=8)
+    assert cfg.dataset_names(c.dataset.name) == ["angio_folder/r256", "synthetic_angio/small"]
+    with pytest.raises(cfg.ConfigError, match=r"config\.dataset\.name = .*reads one dataset"):
+        cfg.validate_common(c, num_devices=8)  # fine-tuning's rules
 
 
 def test_mesh_resolves_one_free_axis():

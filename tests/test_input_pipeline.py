@@ -2,11 +2,13 @@
 keyed by the global record index, process-count invariance of the global batch, exact iterator resume."""
 
 import math
+import pickle
 
 import cv2
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from configs import common
 from vasomim_jax import input_pipeline as ip
@@ -19,13 +21,19 @@ def _source(n=23, h=40, w=36, seed=0):
              "vessel_map": (rng.random((h, w)) > 0.7).astype(np.uint8)} for _ in range(n)]
 
 
-def _batches(source, *, global_batch, pidx=0, pcount=1, n=3, state=None, seed=3, size=16):
+def _batches(source, *, global_batch, pidx=0, pcount=1, n=3, state=None, seed=3, size=16, workers=0):
+    input_cfg = common.pretrain_config().input
+    input_cfg.num_workers = workers
+    if workers:
+        flags.FLAGS.mark_as_parsed()  # grain's mp_prefetch reads its absl flags (parsed by `vasomim` in a run)
     ds = ip.make_dataset(source, global_batch=global_batch, process_index=pidx, process_count=pcount, seed=seed,
-                         input_cfg=common.pretrain_config().input, size=size)
+                         input_cfg=input_cfg, size=size)
     it = iter(ds)
     if state is not None:
         it.set_state(state)
-    return [next(it) for _ in range(n)], it.get_state()
+    batches = [next(it) for _ in range(n)]
+    it.close()  # stops mp_prefetch workers
+    return batches, it.get_state()
 
 
 def test_crop_params_follow_torchvision_bounds():
@@ -115,6 +123,33 @@ def test_restored_iterator_yields_exactly_the_next_batches():
             np.testing.assert_array_equal(x[k], y[k])
 
 
+@pytest.mark.parametrize("written_by, resumed_on, workers", [(1, 2, 0), (2, 1, 0), (2, 1, 2)])
+def test_an_iterator_state_from_k_processes_positions_p_processes_on_the_straight_run(written_by, resumed_on,
+                                                                                       workers):
+    src = _source()
+    straight, _ = _batches(src, global_batch=8, n=5)
+    states = [_batches(src, global_batch=8, pidx=p, pcount=written_by, n=2)[1] for p in range(written_by)]
+    assert all(s == {"next_global_batch": 2} for s in states)  # the same on every process: any one restores
+    blocks = [_batches(src, global_batch=8, pidx=p, pcount=resumed_on, n=3, state=states[0], workers=workers)[0]
+              for p in range(resumed_on)]
+    for s, want in enumerate(straight[2:]):
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([b[s][k] for b in blocks]), want[k])
+
+
+def test_seek_positions_the_iterator_at_a_global_batch():
+    src = _source()
+    straight, _ = _batches(src, global_batch=8, n=4)
+    it = iter(ip.make_dataset(src, global_batch=8, process_index=1, process_count=2, seed=3,
+                              input_cfg=common.pretrain_config().input, size=16))
+    next(it)
+    it.seek(3)
+    np.testing.assert_array_equal(next(it)["index"], straight[3]["index"][4:])
+    assert it.get_state() == {"next_global_batch": 4}
+    with pytest.raises(ValueError, match="next_global_batch"):
+        it.set_state({"next_index": 3})  # grain's own state: not this pipeline's
+
+
 def test_png_bytes_decode_like_arrays():
     src = _source(n=5)
     encoded = [{k: cv2.imencode(".png", v)[1].tobytes() for k, v in ex.items()} for ex in src]
@@ -141,6 +176,60 @@ def test_unknown_dataset_error_names_the_config_field(tmp_path):
     cfg = common.pretrain_config().dataset
     cfg.name, cfg.data_dir = "no_such_dataset_xyz", str(tmp_path)
     with pytest.raises(ValueError, match="config.dataset.name"):
+        ip.tfds_source(cfg)
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    """Tiny angio_folder/native (3 images) and angio_folder/r256 (2 images) builds, and a vessel_seg_folder build
+    (no vessel maps), in one data_dir."""
+    import tensorflow_datasets as tfds
+
+    import tfds_builders  # noqa: F401  (registers the builders)
+    from builders_testlib import synthetic, write
+
+    root = tmp_path_factory.mktemp("builds")
+    for name, files in (("angio_folder/native", ["a0", "a1", "a2"]), ("angio_folder/r256", ["b0", "b1"]),
+                        ("vessel_seg_folder", ["c0"])):
+        manual = root / name.replace("/", "_")
+        seg = name == "vessel_seg_folder"
+        for seed, stem in enumerate(files):
+            img = synthetic(manual / ("images" if seg else "") / f"{stem}.png", seed, 48)
+            if seg:
+                write(manual / "masks" / f"{stem}_gt.png", (img > 128).astype(np.uint8) * 255)
+        tfds.builder(name, data_dir=str(root / "tfds"), num_workers=1).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)), file_format="array_record")
+    return root / "tfds"
+
+
+def test_comma_separated_names_read_every_build_as_one_source(two_builds):
+    cfg = common.pretrain_config().dataset
+    cfg.name, cfg.data_dir = "angio_folder/native, angio_folder/r256", str(two_builds)
+    src = ip.tfds_source(cfg)
+    assert len(src) == 5
+    names = [src[i]["file_name"].decode() for i in range(len(src))]
+    assert sorted(names) == ["a0.png", "a1.png", "a2.png", "b0.png", "b1.png"]
+    assert names[3:] == [n for n in names if n.startswith("b")]  # builds one after another, in the order given
+    assert [r["file_name"] for r in pickle.loads(pickle.dumps(src))] == [src[i]["file_name"] for i in range(5)]
+    with pytest.raises(IndexError):
+        src[5]
+    # One global batch of 5 = one shuffled epoch over both builds (48 px and 256 px images alike).
+    (batch,), _ = _batches(src, global_batch=5, n=1)
+    assert batch["image"].shape == batch["vessel_map"].shape == (5, 16, 16)
+    assert sorted(batch["index"].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_a_build_without_vessel_maps_or_a_blank_name_is_named(two_builds):
+    cfg = common.pretrain_config().dataset
+    cfg.name, cfg.data_dir = "angio_folder/native,vessel_seg_folder", str(two_builds)
+    with pytest.raises(ValueError, match=r"config\.dataset\.name=.*\(build 'vessel_seg_folder'\): "
+                                         r"features \['vessel_map'\] missing"):
+        ip.tfds_source(cfg)
+    cfg.name = "angio_folder/native,no_such_build_xyz"
+    with pytest.raises(ValueError, match=r"\(build 'no_such_build_xyz'\)"):
+        ip.tfds_source(cfg)
+    cfg.name = "angio_folder/native,"
+    with pytest.raises(ValueError, match=r"config\.dataset\.name"):
         ip.tfds_source(cfg)
 
 

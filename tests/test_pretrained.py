@@ -10,7 +10,7 @@ import pytest
 
 from export_testlib import assert_trees_equal, random_images, random_params, tiny_config, write_workdir
 from vasomim_jax import export
-from vasomim_jax.pretrained import load_pretrained
+from vasomim_jax.pretrained import load_init_from, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,14 @@ def test_fine_tuning_workdir_yields_its_encoder(run, tmp_path):
     loaded = load_pretrained(workdir)
     assert not loaded.has_decoder and loaded.step == 2
     assert_trees_equal(loaded.params, encoder)
+
+
+def test_init_from_weights_fit_the_run_grid_and_keep_the_source_decoder(run, tmp_path):
+    """The one loader behind pre-training's and fine-tuning's ``config.init_from``."""
+    workdir, config, params = run
+    run_model = config.model.copy_and_resolve_references()
+    run_model.img_size, run_model.decoder_embed_dim, run_model.decoder_depth = 64, 32, 3
+    assert_trees_equal(load_init_from(str(workdir), run_model), params[9])  # sin-cos tables are not params
+    assert_trees_equal(load_init_from(str(workdir), config.model, step=5), params[5])
+    with pytest.raises(ValueError, match=r"config\.init_from='.*nowhere': .*no such file"):
+        load_init_from(str(tmp_path / "nowhere"), config.model)

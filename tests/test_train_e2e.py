@@ -126,7 +126,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_is_bit_exact(env, st
     assert stopped in {int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()}
 
     res = _run(env, tmp_path, *MESH_4x2)
-    assert f"resumed from step {stopped}" in res.stderr
+    assert f"resumed from step {stopped}" in res.stderr, res.stderr[-4000:]
     lines = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == list(range(1, stopped + 1)) + list(range(stopped + 1, TOTAL + 1))
     assert _losses(tmp_path) == _losses(straight[0])  # bit-exact
@@ -182,7 +182,7 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_on_localhost_match_one_process(env, tmp_path):
+def test_two_processes_on_localhost_match_one_process_and_their_checkpoint_continues_on_one(env, tmp_path):
     single = tmp_path / "single"
     _run(env, single, "--config.mesh.data=8", "--config.mesh.fsdp=1")
     multi = tmp_path / "multi"
@@ -200,6 +200,16 @@ def test_two_processes_on_localhost_match_one_process(env, tmp_path):
         assert f"process {i} step 1 reads global positions {list(range(8 * i, 8 * i + 8))}" in err
     ref, got = _losses(single), _losses(multi)
     assert sorted(got) == list(range(1, TOTAL + 1))
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=0, atol=1e-5)
+
+    # The 2-process checkpoint of step 8 continues on 1 process: its iterator is repositioned from the step.
+    shutil.rmtree(multi / "checkpoints" / "12")
+    (multi / "metrics.jsonl").unlink()
+    res = _run(env, multi, "--config.mesh.data=8", "--config.mesh.fsdp=1")
+    assert "data iterator: checkpoint written by 2 processes, now 1; repositioned from step 8" in res.stderr
+    assert f"process 0 step 9 reads global positions {list(range(128, 144))}" in res.stderr
+    got = _losses(multi)
+    assert sorted(got) == [9, 10, 11, 12]
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=0, atol=1e-5)
 
 

@@ -1,9 +1,10 @@
 """Orbax checkpoints of the train state and the grain iterator: save, resume, elastic restore, params export.
 
 Layout: ``WORKDIR/checkpoints/<step>/{state, data_iter}``; ``state`` = {"step", "params", "opt_state"},
-``data_iter`` = the grain iterator state (one JSON per process), so a resumed run sees exactly the batches it
-would have seen. Saves are asynchronous (``wait`` before exit). Restores go into an *abstract* state carrying the
-shardings of the current mesh, so a checkpoint written on one mesh / device count restores onto another.
+``data_iter`` = the iterator state (one JSON per process), so a resumed run sees exactly the batches it would
+have seen. Saves are asynchronous (``wait`` before exit). Restores go into an *abstract* state carrying the
+shardings of the current mesh, so a checkpoint written on one mesh / device count / process count restores onto
+another (the data iterator is then repositioned from the step, see `restore_latest`).
 """
 
 from __future__ import annotations
@@ -55,17 +56,23 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iter) -> tuple[Any, int] | None:
     """Restores the newest checkpoint that reads back completely, into ``abstract_state``'s shardings.
 
+    ``data_iter`` gets the saved iterator state when the checkpoint was written by this run's process count; from
+    another process count (the saved state is per process) it is repositioned from the step alone
+    (``data_iter.seek(step)``, an `input_pipeline.GlobalBatchIterator`): the input pipeline makes every process's
+    position a function of the step, so the run still sees the global batches of a straight run.
     A step folder that fails to restore (a run killed mid-save, truncated files) is moved aside to
     ``<step>.incomplete-<time>`` with a warning and the previous step is tried. Returns (state, step) or None.
     """
     for step in sorted(manager.all_steps(), reverse=True):
+        folder = Path(manager.directory) / str(step)
+        written = _iterator_process_count(folder)
+        elastic = written is not None and written != jax.process_count()
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if not elastic:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for missing / truncated files
-            folder = Path(manager.directory) / str(step)
-            _check_process_count(folder, step)
             aside = folder.with_name(f"{step}.incomplete-{int(time.time())}")
             log.warning("checkpoint step %d is incomplete or unreadable (%s: %s); moved to %s",
                         step, type(e).__name__, str(e).splitlines()[0][:200], aside.name)
@@ -73,17 +80,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
                 shutil.move(folder, aside)
             manager.reload()
             continue
+        if elastic:
+            data_iter.seek(step)
+            data_iter.start_prefetch()  # as grain's restore does: batches load while the step compiles
+            log.info("data iterator: checkpoint written by %d processes, now %d; repositioned from step %d",
+                     written, jax.process_count(), step)
         return restored["state"], step
     return None
 
 
-def _check_process_count(folder: Path, step: int) -> None:
-    """A complete checkpoint from another process count is not an incomplete one: refuse instead of moving it."""
-    written = {p.name.rsplit("-of-", 1)[-1].removesuffix(".json") for p in (folder / "data_iter").glob("process_*")}
-    if written and written != {str(jax.process_count())}:
-        raise ValueError(f"checkpoint step {step} in {folder.parent} was written by {sorted(written)} processes; "
-                         f"its data iterator cannot be restored on {jax.process_count()} (device counts may change, "
-                         f"the process count may not)")
+def _iterator_process_count(folder: Path) -> int | None:
+    """The process count that wrote ``folder``'s iterator states (grain names them ``process_<i>-of-<K>.json``);
+    None when there are none."""
+    counts = {p.name.rsplit("-of-", 1)[-1].removesuffix(".json") for p in (folder / "data_iter").glob("process_*")}
+    if len(counts) > 1:
+        raise ValueError(f"{folder / 'data_iter'}: iterator states from different process counts {sorted(counts)}")
+    return int(counts.pop()) if counts else None
 
 
 def load_params(workdir: str | Path, step: int | None = None) -> tuple[ConfigDict, dict, int]:

@@ -78,10 +78,23 @@ def validate_model(model: config_dict.ConfigDict, prefix: str = "model") -> None
               f"not divisible by decoder_num_heads = {model.decoder_num_heads}")
 
 
-def validate_common(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Rules shared by pre-training and fine-tuning; returns the resolved mesh."""
-    if not config.dataset.name:
-        _fail("dataset.name", config.dataset.name, "give a TFDS name, `name` or `name/config`")
+def dataset_names(name: str, several: bool = True) -> list[str]:
+    """``config.dataset.name`` -> its TFDS names: ``name`` or ``name/config``, or (``several``) a comma-separated
+    list of them whose splits are read as one."""
+    names = [n.strip() for n in name.split(",")]
+    if not all(names):
+        _fail("dataset.name", name, "give a TFDS name, `name` or `name/config`"
+              + (", or several separated by commas" if several else ""))
+    if len(names) > 1 and not several:
+        _fail("dataset.name", name, "this run reads one dataset; give a single TFDS name")
+    return names
+
+
+def validate_common(config: config_dict.ConfigDict, num_devices: int,
+                    several_datasets: bool = False) -> dict[str, int]:
+    """Rules shared by pre-training and fine-tuning (``several_datasets``: a name list is allowed); returns the
+    resolved mesh."""
+    dataset_names(config.dataset.name, several_datasets)
     steps = {"total_steps": config.total_steps, "log_every_steps": config.log_every_steps,
              "checkpoint.every_steps": config.checkpoint.every_steps}
     for field, value in steps.items():
@@ -128,7 +141,7 @@ def validate_objective(config: config_dict.ConfigDict) -> None:
 
 def validate_pretrain_config(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
     """Raises ConfigError naming the field; returns the resolved mesh {axis: size}."""
-    mesh = validate_common(config, num_devices)
+    mesh = validate_common(config, num_devices, several_datasets=True)
     validate_model(config.model)
     if config.epochs < 0:
         _fail("epochs", config.epochs, "cannot be negative")

@@ -5,7 +5,8 @@ global position ``g = epoch * num_records + position`` names one example of the 
 positions ``[s*B, (s+1)*B)``; process ``p`` of ``P`` reads the contiguous block ``[s*B + p*B/P, s*B + (p+1)*B/P)``
 of it. The crop and flip of an example are drawn from ``np.random.default_rng((seed, epoch, g))`` and the device
 keys its mask by ``g`` (``batch["index"]``), so the global batch (order, crops, masks) does not depend on the
-number of processes or on how far the iterator was restored.
+number of processes or on how far the iterator was restored. Hence the iterator's whole state is ``s``, the next
+global batch: a checkpoint written by K processes restores onto P (`GlobalBatchIterator`).
 
 Augmentation is torchvision's ``RandomResizedCrop(scale, ratio)`` (same parameter sampling, 10 tries then the
 centre-crop fallback) on PIL images: crop, then bicubic resize (PIL antialiases when shrinking) for the image and
@@ -14,6 +15,7 @@ nearest for the vessel map, then the same horizontal flip for both.
 
 from __future__ import annotations
 
+import bisect
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +27,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 from PIL import Image
+
+from vasomim_jax import config as config_lib
 
 IMAGE_KEY = "image"
 MAP_KEY = "vessel_map"
@@ -130,7 +134,8 @@ def make_dataset(source: Sequence, *, global_batch: int, process_index: int, pro
     example (default `PairedCropFlip`: records with ``image`` and ``vessel_map``, uint8 arrays or PNG bytes).
     ``input_cfg`` also sets the reader threads / prefetch / worker processes. Yields ``example_fn``'s keys
     batched, e.g. {"image": uint8 (b, size, size), "vessel_map": uint8 (b, size, size)}, plus
-    "index": int32 (b,) (global positions), with ``b = global_batch // process_count``.
+    "index": int32 (b,) (global positions), with ``b = global_batch // process_count``. Its iterators are
+    `GlobalBatchIterator`s: their checkpoint state is the index of the next global batch.
     """
     if global_batch % process_count:
         raise ValueError(f"config.batch_size={global_batch} does not split over {process_count} processes")
@@ -140,36 +145,118 @@ def make_dataset(source: Sequence, *, global_batch: int, process_index: int, pro
     records = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     read = _ReadAt(records, len(source), global_batch=global_batch, block_start=process_index * local,
                    local_batch=local, seed=seed, example_fn=example_fn or PairedCropFlip(input_cfg, size))
-    ds = grain.MapDataset.range(sys.maxsize // global_batch * local).map(read).batch(local, drop_remainder=True)
-    threads = max(1, int(input_cfg.num_threads))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
-        local * int(input_cfg.prefetch_batches), 1)))
-    if int(input_cfg.num_workers) > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(input_cfg.num_workers),
-                                                         per_worker_buffer_size=int(input_cfg.worker_buffer_size)))
-    return it
+    batches = grain.MapDataset.range(sys.maxsize // global_batch * local).map(read).batch(local, drop_remainder=True)
+    read_options = grain.ReadOptions(num_threads=max(1, int(input_cfg.num_threads)),
+                                     prefetch_buffer_size=max(local * int(input_cfg.prefetch_batches), 1))
+    workers = grain.MultiprocessingOptions(num_workers=int(input_cfg.num_workers),
+                                           per_worker_buffer_size=int(input_cfg.worker_buffer_size))
+
+    def pipeline_from(step: int) -> grain.IterDataset:
+        it = batches[step:].to_iter_dataset(read_options)
+        return it.mp_prefetch(workers) if workers.num_workers > 0 else it
+
+    return _GlobalBatches(pipeline_from)
 
 
-def tfds_source(dataset_cfg: ConfigDict):
+class _GlobalBatches(grain.IterDataset):
+    """`make_dataset`'s result: each iterator starts at global batch 0."""
+
+    def __init__(self, pipeline_from: Callable[[int], grain.IterDataset]):
+        super().__init__()
+        self._pipeline_from = pipeline_from
+
+    def __iter__(self) -> GlobalBatchIterator:
+        return GlobalBatchIterator(self._pipeline_from)
+
+
+class GlobalBatchIterator(grain.DatasetIterator):
+    """This process's block of global batches s, s+1, ... Its state is only ``{"next_global_batch": s}``, the same
+    on every process: grain's own state (per worker of ``mp_prefetch``, per process) is never saved, and
+    ``set_state`` / `seek` rebuild the grain pipeline at batch ``s``, so a checkpoint restores onto any process
+    count or worker count."""
+
+    STATE_KEY = "next_global_batch"
+
+    def __init__(self, pipeline_from: Callable[[int], grain.IterDataset]):
+        super().__init__()
+        self._pipeline_from, self._next, self._pipeline = pipeline_from, 0, None
+
+    def _iterator(self) -> grain.DatasetIterator:
+        if self._pipeline is None:  # built lazily: a resume repositions before any record is read
+            self._pipeline = iter(self._pipeline_from(self._next))
+        return self._pipeline
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator())
+        self._next += 1
+        return batch
+
+    def seek(self, step: int) -> None:
+        """Next yields global batch ``step`` (the batch of train step ``step + 1``)."""
+        if self._pipeline is not None:
+            self._pipeline.close()  # stops mp_prefetch workers / reader threads of the old position
+        self._next, self._pipeline = int(step), None
+
+    def get_state(self) -> dict[str, int]:
+        return {self.STATE_KEY: self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if self.STATE_KEY not in state:
+            raise ValueError(f"data iterator state {state}: no {self.STATE_KEY!r} (not written by this input "
+                             f"pipeline)")
+        self.seek(state[self.STATE_KEY])
+
+    def start_prefetch(self) -> None:
+        self._iterator().start_prefetch()
+
+    def close(self) -> None:
+        self.seek(self._next)
+        super().close()
+
+
+class ConcatSource(Sequence):
+    """Random-access records of several sources one after another (picklable for grain workers when they are)."""
+
+    def __init__(self, sources: Sequence[Sequence]):
+        self.sources = list(sources)
+        self.starts = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)}")
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.sources[k][i - self.starts[k]]
+
+
+def tfds_source(dataset_cfg: ConfigDict) -> Sequence:
     """``tfds.data_source`` of ``config.dataset`` (array_record, no TensorFlow); images left as PNG bytes so the
-    grain threads decode them with OpenCV (which releases the GIL)."""
+    grain threads decode them with OpenCV (which releases the GIL). A comma-separated ``name`` reads the split of
+    every named build as one source, in the order given (`make_dataset` shuffles the whole)."""
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(dataset_cfg.name, data_dir=dataset_cfg.data_dir or None)
-    except Exception as e:
-        raise ValueError(f"config.dataset.name={dataset_cfg.name!r} (data_dir={dataset_cfg.data_dir!r}): "
-                         f"{type(e).__name__}: {e}") from None
-    if dataset_cfg.split not in builder.info.splits:
-        raise ValueError(f"config.dataset.split={dataset_cfg.split!r}: dataset {dataset_cfg.name} has splits "
-                         f"{list(builder.info.splits)} (is it built in {dataset_cfg.data_dir or 'the TFDS default'}?)")
-    features = builder.info.features
-    missing = {IMAGE_KEY, MAP_KEY} - set(features.keys())
-    if missing:
-        raise ValueError(f"config.dataset.name={dataset_cfg.name!r}: features {sorted(missing)} missing "
-                         f"(has {sorted(features.keys())})")
-    decoders = {IMAGE_KEY: tfds.decode.SkipDecoding(), MAP_KEY: tfds.decode.SkipDecoding()}
-    return builder.as_data_source(split=dataset_cfg.split, decoders=decoders)
+    names = config_lib.dataset_names(dataset_cfg.name)
+    sources = []
+    for name in names:
+        where = f"config.dataset.name={dataset_cfg.name!r}" + (f" (build {name!r})" if len(names) > 1 else "")
+        try:
+            builder = tfds.builder(name, data_dir=dataset_cfg.data_dir or None)
+        except Exception as e:
+            raise ValueError(f"{where} (data_dir={dataset_cfg.data_dir!r}): {type(e).__name__}: {e}") from None
+        if dataset_cfg.split not in builder.info.splits:
+            raise ValueError(f"config.dataset.split={dataset_cfg.split!r}: dataset {name} has splits "
+                             f"{list(builder.info.splits)} (is it built in "
+                             f"{dataset_cfg.data_dir or 'the TFDS default'}?)")
+        features = builder.info.features
+        missing = {IMAGE_KEY, MAP_KEY} - set(features.keys())
+        if missing:
+            raise ValueError(f"{where}: features {sorted(missing)} missing (has {sorted(features.keys())})")
+        decoders = {IMAGE_KEY: tfds.decode.SkipDecoding(), MAP_KEY: tfds.decode.SkipDecoding()}
+        sources.append(builder.as_data_source(split=dataset_cfg.split, decoders=decoders))
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding,

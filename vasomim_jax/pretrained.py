@@ -268,3 +268,29 @@ def load_pretrained(path: str | Path, step: int | None = None, *, model_cfg: Con
     (log.warning if report.unexpected else log.info)("load_pretrained(%s):\n%s", path, report)
     return Pretrained(config=config, params=params, source=str(path), step=step, report=report,
                       learned_pos_embed=learned)
+
+
+GRID_KEYS = ("img_size", "patch_size", "in_chans")  # what model_cfg may change in load_pretrained
+DECODER_CFG_KEYS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+def load_init_from(init_from: str, model_cfg: ConfigDict, step: int | None = None) -> dict:
+    """The weights a run's ``config.init_from`` names (workdir at ``step``, export or official .pth), for
+    pre-training and fine-tuning alike: our param tree (numpy float32) with the encoder, and the decoder entries
+    when the source has them (its own decoder architecture), fitted to ``model_cfg``'s image size / patch size /
+    in_chans. Whether depth and widths fit is the caller's check (against its model's shapes). Errors are
+    ValueErrors naming ``config.init_from``."""
+    try:
+        loaded = load_pretrained(init_from, step)
+        if any(loaded.config.model[k] != model_cfg[k] for k in GRID_KEYS):
+            # Adapt only the grid; the source's decoder fields keep its decoder weights loadable.
+            target = ConfigDict(model_cfg.to_dict())
+            for k in DECODER_CFG_KEYS:
+                target[k] = loaded.config.model[k]
+            loaded = load_pretrained(init_from, step, model_cfg=target)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ValueError(f"config.init_from={init_from!r}: {e}") from e
+    if loaded.learned_pos_embed is not None:
+        raise ValueError(f"config.init_from={init_from!r}: learned position embeddings; our models use the fixed "
+                         "MAE sin-cos table")
+    return loaded.params

@@ -2,9 +2,10 @@
 
 Sharded over a (data, fsdp) mesh with ``jax.jit`` + NamedSharding; the train state {"step", "params",
 "opt_state"} is created already sharded, the step is compiled ahead of time (``memory: ...`` logged) and the
-state donated. Checkpoints (state + grain iterator) every ``checkpoint.every_steps``; the latest complete one is
-restored on start (``resumed from step N``), onto whatever mesh this run has. SIGTERM / SIGINT: finish the
-current step, save it, wait, exit 0. A non-finite loss stops the run (exit 1) before it is checkpointed.
+state donated. Checkpoints (state + data iterator) every ``checkpoint.every_steps``; the latest complete one
+is restored on start (``resumed from step N``), onto whatever mesh and process count this run has.
+SIGTERM / SIGINT: finish the current step, save it, wait, exit 0. A non-finite loss stops the run (exit 1) before
+it is checkpointed.
 
 The loop and its setup pieces (`run_loop`, `compile_step`, `restore_or_init`, `write_run_config`, `StopFlag`,
 `memory_line`) are shared with fine-tuning (`vasomim_jax.finetune.train`).
@@ -138,7 +139,7 @@ def write_run_config(config: ConfigDict, workdir: Path) -> None:
 
 def restore_or_init(manager, abstract_state, data_iter, init: Callable[[], Any]) -> tuple[Any, int]:
     """(state, first step): the latest complete checkpoint (state and ``data_iter``, logs ``resumed from step
-    N``) or ``init()`` at step 0."""
+    N``; a checkpoint of another process count repositions ``data_iter`` from N) or ``init()`` at step 0."""
     restored = checkpoint.restore_latest(manager, abstract_state, data_iter)
     if restored is None:
         return init(), 0
@@ -240,22 +241,16 @@ def run_loop(compiled, state, data_iter, *, batch_sharding, global_batch: int, r
 def _params_from(config: ConfigDict, params, shardings):
     """``config.init_from`` weights (workdir, export or official .pth) adapted to ``config.model``, placed with the
     run's shardings. Entries the source lacks (e.g. the decoder of an encoder-only export) keep their fresh init."""
-    from vasomim_jax.pretrained import load_pretrained  # torch / orbax only when asked for
+    from vasomim_jax.pretrained import load_init_from  # torch / orbax only when asked for
 
-    try:
-        loaded = load_pretrained(config.init_from, model_cfg=config.model)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ValueError(f"config.init_from={config.init_from!r}: {e}") from e
-    if loaded.learned_pos_embed is not None:
-        raise ValueError(f"config.init_from={config.init_from!r}: learned position embeddings; this model uses "
-                         "the fixed MAE sin-cos table")
+    loaded = load_init_from(config.init_from, config.model)
     merged = dict(params)
-    for name, value in loaded.params.items():
+    for name, value in loaded.items():
         want = jax.tree.map(lambda x: x.shape, params[name])
         if jax.tree.map(np.shape, value) != want:
             raise ValueError(f"config.init_from={config.init_from!r}: {name} does not match config.model")
         merged[name] = value
-    logging.info("initialised %s from %s", sorted(loaded.params), config.init_from)
+    logging.info("initialised %s from %s", sorted(loaded), config.init_from)
     return jax.device_put(merged, shardings)
 
 

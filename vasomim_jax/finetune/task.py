@@ -53,26 +53,15 @@ def input_shape(config: ConfigDict) -> tuple[int, int, int, int]:
 
 
 def load_backbone(config: ConfigDict) -> dict | None:
-    """Encoder params (numpy) from ``config.init_from`` adapted to ``config.model`` (image size, in_chans);
-    None for random init. The source's own decoder fields are kept (fine-tuning drops the decoder)."""
+    """Encoder params (numpy) from ``config.init_from`` (at ``config.init_step``) adapted to ``config.model``;
+    None for random init. Fine-tuning drops any decoder the source has."""
     if not config.init_from:
         return None
-    from vasomim_jax.pretrained import load_pretrained  # torch / orbax only when needed
+    from vasomim_jax.pretrained import load_init_from  # torch / orbax only when needed
 
     step = None if config.init_step < 0 else int(config.init_step)
-    try:
-        loaded = load_pretrained(config.init_from, step)
-        target = ConfigDict(config.model.to_dict())
-        for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            target[k] = loaded.config.model[k]
-        if any(loaded.config.model[k] != target[k] for k in ("img_size", "in_chans", "patch_size")):
-            loaded = load_pretrained(config.init_from, step, model_cfg=target)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ValueError(f"config.init_from={config.init_from!r}: {e}") from e
-    if loaded.learned_pos_embed is not None:
-        raise ValueError(f"config.init_from={config.init_from!r}: learned position embeddings; the fine-tuning "
-                         "encoder uses the fixed MAE sin-cos table")
-    return {k: loaded.params[k] for k in encoder_lib.ENCODER_KEYS}
+    params = load_init_from(config.init_from, config.model, step)
+    return {k: params[k] for k in encoder_lib.ENCODER_KEYS}
 
 
 def check_backbone(loaded: dict, abstract_backbone, source: str) -> None:
