@@ -65,11 +65,13 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         hd = self.dim // self.num_heads
         qkv = dense(3 * self.dim, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
+        # (B, H, N, hd): batch dims leading, the layout XLA's batched GEMMs take without extra copies (measured
+        # on CPU: attention forward+backward 18 % faster than contracting in the (B, N, H, hd) layout).
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
         q = q * jnp.asarray(hd**-0.5, q.dtype)  # timm scales q before the product
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, self.dim)
+        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, n, self.dim)
         return dense(self.dim, self.dtype, "proj")(out)
 
 
@@ -81,8 +83,13 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = dense(self.hidden, self.dtype, "fc1")(x)
-        x = nn.gelu(x, approximate=False)  # exact erf GELU as timm / PyTorch MAE
-        return dense(self.dim, self.dtype, "fc2")(x)
+        return dense(self.dim, self.dtype, "fc2")(gelu(x))
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact (erf) GELU as timm / PyTorch MAE, written with `lax.erf`: on XLA CPU the MLP's forward+backward runs
+    16 % faster than with ``nn.gelu(approximate=False)`` (its erfc-based form); same values within 3e-7."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
 
 
 class Block(nn.Module):
