@@ -26,13 +26,7 @@ def test_unknown_subcommand_fails_with_usage():
     assert r.returncode == 2 and "unknown subcommand 'pretrian'" in r.stderr
 
 
-def test_a_subcommand_that_has_not_landed_says_so_and_fails(monkeypatch, capsys):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "finetune", ("Fine-tune.", None))
-    assert cli.main(["vasomim", "finetune", "--help"]) == 2
-    assert "has not landed yet" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("name", [n for n, (_, m) in cli.SUBCOMMANDS.items() if m is not None])
+@pytest.mark.parametrize("name", list(cli.SUBCOMMANDS))
 def test_subcommand_help_describes_its_own_flags(name):
     r = run(name, "--help")
     assert r.returncode == 0, r.stderr

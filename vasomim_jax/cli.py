@@ -11,8 +11,8 @@ import importlib
 import sys
 import textwrap
 
-# name -> (one-line help, implementing module or None while the capability has not landed)
-SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
+# name -> (one-line help, implementing module)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("Build a TFDS dataset (array_record shards with precomputed vessel maps) from a folder.",
                 "vasomim_jax.convert"),
     "pretrain": ("Pre-train a VasoMIM / MAE ViT from a config file (sharded, checkpointed, resumable).",
@@ -32,9 +32,8 @@ def usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     lines = ["usage: vasomim <subcommand> [--flags]   (vasomim <subcommand> --help for its options)", "",
              "VasoMIM in JAX: anatomy-aware masked image modeling for X-ray angiograms.", "", "subcommands:"]
-    for name, (text, module) in SUBCOMMANDS.items():
-        state = "" if module else "  [not available yet]"
-        lines.append(f"  {name:<{width}}  {text}{state}")
+    for name, (text, _) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<{width}}  {text}")
     return "\n".join(lines)
 
 
@@ -56,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"vasomim: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name = SUBCOMMANDS[name][1]
-    if module_name is None:
-        print(f"vasomim {name}: this capability has not landed yet in this version of vasomim-jax.",
-              file=sys.stderr)
-        return 2
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(SUBCOMMANDS[name][1])
     module.define_flags()
     if any(a in ("-h", "--help", "-help") for a in rest):
         print(_subcommand_help(name, module))
