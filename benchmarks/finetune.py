@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +20,7 @@ from vasomim_jax import synthetic
 from vasomim_jax.finetune import encoder as encoder_lib
 from vasomim_jax.finetune import heads, seg_metrics
 
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return float(np.median(walls)), float(np.median(cpus))
+from timing import median_times  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def step_fns(size: str, img: int, batch: int):
@@ -69,15 +58,15 @@ def main():
     args = ap.parse_args()
 
     seg_step, enc_step = step_fns(args.size, args.img, args.batch)
-    (sw, sc), (ew, ec) = timed(seg_step, args.repeats), timed(enc_step, args.repeats)
+    (sw, sc), (ew, ec) = median_times(seg_step, args.repeats), median_times(enc_step, args.repeats)
     print(f"train step ViT-{args.size}/16 {args.img}px batch {args.batch}: encoder+UNETR {sw:.3f} s wall "
           f"{sc:.3f} s CPU; encoder alone {ew:.3f} s wall {ec:.3f} s CPU; ratio {sw / ew:.2f} wall, "
           f"{sc / ec:.2f} CPU")
 
     _, gt = synthetic.angiogram(0, 512)
     pred = np.roll(gt, 2, axis=1)
-    (dw, dc), (cw, cc) = (timed(lambda: seg_metrics.dice(pred, gt), 20),
-                          timed(lambda: seg_metrics.cldice(pred, gt), 20))
+    (dw, dc), (cw, cc) = (median_times(lambda: seg_metrics.dice(pred, gt), 20),
+                          median_times(lambda: seg_metrics.cldice(pred, gt), 20))
     print(f"scoring one 512² mask: dice {1e3 * dw:.2f} ms wall {1e3 * dc:.2f} ms CPU; cldice {1e3 * cw:.2f} ms "
           f"wall {1e3 * cc:.2f} ms CPU; ratio {cw / dw:.1f} wall, {cc / dc:.1f} CPU")
 

@@ -11,7 +11,6 @@ gather. Prints median times and the speed-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -19,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vasomim_jax import masking
+
+from timing import median_times  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PATCH, IMG, DIM, RATIO, BETA = 16, 224, 768, 0.5, 0.5
 
@@ -117,14 +118,8 @@ def torch_official(guidance, tokens, gather: bool = True):
 def median_ms(fn, reps: int) -> tuple[float, float]:
     """Median wall time and median process CPU time (all threads) per call, ms. On a shared, overloaded box the
     CPU time is the steadier figure: wall time then mostly measures waiting for a core."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+    wall, cpu = median_times(fn, reps)
+    return 1e3 * wall, 1e3 * cpu
 
 
 def main():

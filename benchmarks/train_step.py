@@ -24,18 +24,12 @@ from configs import common
 from vasomim_jax import config as config_lib
 from vasomim_jax import losses, metrics, models, synthetic, train, vesselness
 
+from timing import median_times  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 
 def _time(fn, *args, steps: int) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds of ``steps`` calls after one warm-up call (outputs blocked). On a shared
-    box the wall time is inflated by other jobs; the CPU time (summed over threads) is not."""
-    jax.block_until_ready(fn(*args))
-    wall, cpu = [], []
-    for _ in range(steps):
-        t, c = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return float(np.median(wall)), float(np.median(cpu))
+    """Median (wall, process CPU) seconds of ``steps`` calls of ``fn(*args)`` (outputs blocked)."""
+    return median_times(lambda: jax.block_until_ready(fn(*args)), steps)
 
 
 def matmul_time(n: int = 4096, dtype=jnp.float32) -> tuple[float, float, float]:
@@ -224,14 +218,7 @@ def torch_reference_step(cfg, batch_size: int, steps: int) -> tuple[float, float
         opt.step()
         return loss
 
-    step()
-    wall, cpu = [], []
-    for _ in range(steps):
-        t, c = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return float(np.median(wall)), float(np.median(cpu))
+    return median_times(step, steps)
 
 
 if __name__ == "__main__":
