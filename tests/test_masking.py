@@ -246,6 +246,11 @@ def test_patch_scores_are_row_major_patch_sums():
     np.testing.assert_allclose(out, ref, rtol=1e-6)
     with pytest.raises(ValueError, match="patch_size"):
         masking.patch_scores(jnp.asarray(g), 5)
+    # Stored uint8 maps are summed exactly (in int32), to float32 scores.
+    maps = (g > 0.6).astype(np.uint8) * np.uint8(255)
+    counts = masking.patch_scores(jnp.asarray(maps), 4)
+    assert counts.dtype == jnp.float32
+    np.testing.assert_array_equal(counts, masking.patch_scores(jnp.asarray(maps, jnp.float32), 4))
 
 
 def test_beta_per_epoch_is_official_formula():
@@ -270,7 +275,7 @@ def test_beta_per_step_and_traced():
 def test_guidance_map_weight_one_is_the_stored_map():
     b = (np.random.default_rng(7).random((2, 16, 16)) > 0.8).astype(np.uint8)
     out = masking.guidance_map(jnp.asarray(b), None, map_weight=1.0)
-    np.testing.assert_array_equal(out, b.astype(np.float32))
+    np.testing.assert_array_equal(out, b)
     with pytest.raises(ValueError, match="map_weight"):
         masking.guidance_map(jnp.asarray(b), None, map_weight=1.5)
 

@@ -265,6 +265,40 @@ def test_full_visibility_encoder_equals_encode(tiny):
     np.testing.assert_allclose(latent, tokens, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("in_chans,stored", [(1, 1), (3, 1), (3, 3)])
+def test_raw_uint8_input_equals_preprocessed_float_input(in_chans, stored):
+    """The training path: the model gathers visible patches as bytes and folds `preprocess` into the patch
+    kernel; MAE and encode give what they give on the preprocessed float image (grey replicated when stored
+    as one channel)."""
+    stats = (common.GREY_MEAN, common.GREY_STD) if in_chans == 1 else (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    cfg = tiny_cfg(in_chans=in_chans, mean=stats[0], std=stats[1])
+    model = models.build_mae(cfg)
+    params = jax.jit(models.init_params, static_argnums=(0, 2))(model, jax.random.key(0), (2, 32, 48, in_chans))
+    params["patch_embed"]["bias"] = jax.random.normal(jax.random.key(3), params["patch_embed"]["bias"].shape)
+    images = jax.random.randint(jax.random.key(4), (2, 32, 48, stored), 0, 256).astype(jnp.uint8)
+    ids_keep, ids_restore, mask = random_masks(jax.random.key(6), 2, 24, 12)
+    apply = jax.jit(lambda x: (model.apply({"params": params}, x, ids_keep, ids_restore),
+                               model.apply({"params": params}, x, method="encode")[0]))
+    raw = images[..., 0] if stored == 1 else images
+    (pred_u8, tokens_u8), (pred, tokens) = apply(raw), apply(models.preprocess(raw, cfg))
+    np.testing.assert_allclose(pred_u8, pred, rtol=0, atol=2e-5 * float(jnp.abs(pred).max()))
+    np.testing.assert_allclose(tokens_u8, tokens, rtol=0, atol=2e-5 * float(jnp.abs(tokens).max()))
+    # Only the visible bytes reach the encoder.
+    flipped = models.unpatchify(models.patchify(images, 8) ^ (mask[..., None] > 0).astype(jnp.uint8) * 255,
+                                8, 4, 6, stored)
+    np.testing.assert_array_equal(apply(flipped[..., 0] if stored == 1 else flipped)[0], pred_u8)
+
+
+def test_raw_uint8_input_needs_the_normalisation_and_fitting_channels(tiny):
+    _, model, params = tiny
+    ids = jnp.zeros((2, 24), jnp.int32)
+    with pytest.raises(ValueError, match=r"uint8 \(B, H, W\[, 1\|1\]\)"):
+        jax.eval_shape(partial(model.apply, {"params": params}), jnp.zeros((2, 32, 48, 2), jnp.uint8), ids, ids)
+    bare = model.clone(mean=None, std=None)
+    with pytest.raises(ValueError, match="config.model.mean/std"):
+        jax.eval_shape(partial(bare.apply, {"params": params}), jnp.zeros((2, 32, 48), jnp.uint8), ids, ids)
+
+
 def test_model_rejects_wrong_shapes(tiny):
     _, model, params = tiny
     ids = jnp.zeros((2, 24), jnp.int32)

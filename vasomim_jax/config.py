@@ -14,7 +14,7 @@ from ml_collections import config_dict, config_flags
 
 FILTERS = ("frangi", "sato")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # the keys of models.vit.REMAT_POLICIES
 DISTANCES = ("bce", "l1")
 BETA_PER = ("epoch", "step")
 

@@ -80,12 +80,14 @@ def reconstructed_grey(pred: jax.Array, target: jax.Array, mean: jax.Array, var:
     return models.to_grey_intensity(image, model_cfg)
 
 
-def masked_forward(model, params, x: jax.Array, mk: masking.MaskResult, beta, model_cfg, *, norm_pix: bool = True,
-                   unbiased: bool = True, paste_visible: bool = False) -> Forward:
-    """The forward for given masks: x float32 (B, H, W, C) normalised, ``mk`` from ``masking.guided_mask``,
-    beta float32 () the β the masks were drawn with. Pure, jit-able (``model``/``model_cfg`` static)."""
+def masked_forward(model, params, images: jax.Array, mk: masking.MaskResult, beta, model_cfg, *,
+                   norm_pix: bool = True, unbiased: bool = True, paste_visible: bool = False) -> Forward:
+    """The forward for given masks: images raw uint8 (B, H, W[, 1|C]) (the model gathers their visible patches
+    as bytes) or float32 (B, H, W, C) normalised; ``mk`` from ``masking.guided_mask``, beta float32 () the β the
+    masks were drawn with. Pure, jit-able (``model``/``model_cfg`` static)."""
     p = model_cfg.patch_size
-    pred = model.apply({"params": params}, x, mk.ids_keep, mk.ids_restore)  # (B, L, p·p·C) float32
+    x = models.preprocess(images, model_cfg) if images.dtype == jnp.uint8 else images
+    pred = model.apply({"params": params}, images, mk.ids_keep, mk.ids_restore)  # (B, L, p·p·C) float32
     target = models.patchify(x, p)
     loss_rec, mean, var = reconstruction_loss(pred, target, mk.mask, norm_pix=norm_pix, unbiased=unbiased)
     grid = (x.shape[1] // p, x.shape[2] // p)
@@ -109,7 +111,7 @@ def forward(model, config, params, batch: dict, rng: jax.Array, step, *, total_s
     mcfg, lc = config.model, config.loss
     mk, beta = masking.mask_batch(batch, rng, step, config.masking, patch_size=mcfg.patch_size,
                                   total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    return masked_forward(model, params, models.preprocess(images, mcfg), mk, beta, mcfg,
+    return masked_forward(model, params, images, mk, beta, mcfg,
                           norm_pix=lc.norm_pix_loss, unbiased=lc.unbiased_var, paste_visible=lc.paste_visible)
 
 

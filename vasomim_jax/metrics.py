@@ -44,8 +44,9 @@ def vit_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
 def mae_train_flops_per_example(model_cfg: ConfigDict, mask_ratio: float) -> float:
     """Analytic FLOPs of one training example (forward + backward = 3x forward) of the MAE's matmuls.
 
-    Counts patch embedding, encoder on the visible patches + cls, decoder on all patches + cls and the two
-    projections; ignores norms, softmax, the loss and the vesselness filter (the usual MFU convention).
+    Counts the official model's patch embedding (all patches, C channels; ours embeds only the visible ones, as
+    grey bytes, < 1 % of the total for ViT-B), encoder on the visible patches + cls, decoder on all patches + cls
+    and the two projections; ignores norms, softmax, the loss and the vesselness filter (the usual MFU convention).
     """
     p, c = model_cfg.patch_size, model_cfg.in_chans
     num_patches = (model_cfg.img_size // p) ** 2

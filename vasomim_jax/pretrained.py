@@ -66,10 +66,12 @@ class Pretrained:
         params.setdefault("mask_token", np.zeros((1, 1, self.config.model.decoder_embed_dim), np.float32))
         return {"params": jax.device_put(params)}
 
-    def _normalise(self, images) -> jax.Array:
+    def _model_input(self, images) -> jax.Array:
+        """uint8 images go to the model as they are (it normalises them as in training); float ones must be
+        normalised already."""
         images = jnp.asarray(images)
         if images.dtype == jnp.uint8:
-            return models.preprocess(images, self.config.model)
+            return images
         c = self.config.model.in_chans
         if images.ndim != 4 or images.shape[-1] != c:
             raise ValueError(f"float images must be normalised (B, H, W, in_chans={c}), got shape {images.shape}; "
@@ -79,25 +81,13 @@ class Pretrained:
     @functools.cached_property
     def _encode_fn(self):
         pos = None if self.learned_pos_embed is None else jnp.asarray(self.learned_pos_embed)
-
-        def learned(module, x):  # timm's forward_features with its own (learned) position table
-            b, d = x.shape[0], module.embed_dim
-            tokens = module.patch_embed(x).reshape(b, -1, d).astype(jnp.float32)
-            if tokens.shape[1] + 1 != pos.shape[1]:
-                raise ValueError(f"images give {tokens.shape[1]} patches; the learned position embeddings hold "
-                                 f"{pos.shape[1] - 1} (load with model_cfg= for another size)")
-            cls = jnp.broadcast_to(module.cls_token + pos[:, :1], (b, 1, d))
-            out = module.encoder(jnp.concatenate([cls, tokens + pos[:, 1:]], axis=1)).astype(jnp.float32)
-            return out, out[:, 0]
-
-        method = "encode" if pos is None else learned
-        return jax.jit(lambda variables, x: self.model.apply(variables, x, method=method))
+        return jax.jit(lambda variables, x: self.model.apply(variables, x, pos_embed=pos, method="encode"))
 
     def encode(self, images) -> tuple[jax.Array, jax.Array]:
         """Encoder on all patches, no masking: tokens float32 (B, 1+L, D) after the final norm (timm
         ``forward_features``) and pooled (B, D) = the cls token. uint8 (B, H, W[, C]) images are normalised as in
         training; float (B, H, W, C) images are taken as already normalised."""
-        return self._encode_fn(self._variables, self._normalise(images))
+        return self._encode_fn(self._variables, self._model_input(images))
 
     @functools.cached_property
     def _reconstruct_fn(self):
@@ -120,7 +110,7 @@ class Pretrained:
             raise ValueError(f"{self.source}: these are encoder-only weights (no decoder_embed / mask_token / "
                              f"decoder_blocks), so .reconstruct is not available; load a pre-training workdir or "
                              f"an MAE-format export / official MAE .pth")
-        x = self._normalise(images)
+        x = self._model_input(images)
         p = self.config.model.patch_size
         masking_cfg = self.config.get("masking", ConfigDict())
         if vessel_map is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vasomim_jax.models.patches import gather_patches
 from vasomim_jax.models.pos_embed import sincos_2d
 from vasomim_jax.models.vit import REMAT_POLICIES, Transformer, ViTEncoder, dense, token_init
 
@@ -35,25 +36,28 @@ class MAE(ViTEncoder):
 
     def __call__(self, x: jnp.ndarray, ids_keep: jnp.ndarray, ids_restore: jnp.ndarray, *,
                  train: bool = False) -> jnp.ndarray:
-        """x float (B, H, W, C) normalised; ids_keep int32 (B, n_keep); ids_restore int32 (B, L).
+        """x: float (B, H, W, C) normalised, or raw uint8 (B, H, W[, 1|C]) normalised inside (the training
+        input: the visible patches are gathered as bytes, then embedded; `PatchEmbed`); ids_keep int32
+        (B, n_keep); ids_restore int32 (B, L).
 
         Returns the prediction float32 (B, L, p*p*C) for every patch in the original patch order. ``train``
         enables the encoder's drop-path ('dropout' rng).
         """
-        tokens, pos = self._embed(x)
-        b, num = tokens.shape[:2]
+        patches, pos = self._patches(x)
+        b, num = patches.shape[:2]
         if ids_restore.shape != (b, num) or ids_keep.ndim != 2 or ids_keep.shape[0] != b:
             raise ValueError(f"MAE: ids_keep {ids_keep.shape} / ids_restore {ids_restore.shape} do not match "
                              f"(B, n_keep) / (B, L) = ({b}, n_keep) / ({b}, {num})")
-        visible = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
+        # Gather, then embed: only the visible patches are embedded (the same values as embedding all).
+        visible = self.patch_embed(gather_patches(patches, ids_keep)) + jnp.take(pos[1:], ids_keep, axis=0)
         latent = self.encoder(self._with_cls(visible, pos), deterministic=not train)
 
         y = self.decoder_embed(latent).astype(jnp.float32)
         n_mask = num - ids_keep.shape[1]
         y_ = jnp.concatenate([y[:, 1:], jnp.broadcast_to(self.mask_token, (b, n_mask, y.shape[-1]))], axis=1)
-        y_ = jnp.take_along_axis(y_, ids_restore[..., None], axis=1)  # unshuffle to the patch order
-        gh, gw = self._grid(x)
-        y = jnp.concatenate([y[:, :1], y_], axis=1) + sincos_2d(self.decoder_embed_dim, (gh, gw), cls_token=True)
+        y_ = gather_patches(y_, ids_restore)  # unshuffle to the patch order
+        grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+        y = jnp.concatenate([y[:, :1], y_], axis=1) + sincos_2d(self.decoder_embed_dim, grid, cls_token=True)
         y = self.decoder_pred(self.decoder(y))
         return y[:, 1:].astype(jnp.float32)
 
@@ -80,7 +84,8 @@ def encoder_kwargs(model_cfg) -> dict:
     """The `ViTEncoder` fields of a ``config.model`` ConfigDict (configs/common.py `model_config`)."""
     c = model_cfg
     return dict(patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim, depth=c.depth,
-                num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, dtype=DTYPES[c.dtype], remat_policy=c.remat_policy)
+                num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, dtype=DTYPES[c.dtype], remat_policy=c.remat_policy,
+                mean=tuple(c.mean), std=tuple(c.std))
 
 
 def build_mae(model_cfg) -> MAE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -26,3 +27,10 @@ def unpatchify(patches: jnp.ndarray, p: int, h: int, w: int, c: int) -> jnp.ndar
             f"pixels) with patch_size={p}, channels={c}: need L={h * w}, last dim={p * p * c}")
     x = patches.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * p, w * p, c)
+
+
+def gather_patches(patches: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
+    """(B, L, F) rows picked per example by ids int (B, n) -> (B, n, F), any dtype (uint8 patches stay bytes).
+
+    A row gather per example: XLA CPU runs it faster than take_along_axis's element-wise gather."""
+    return jax.vmap(lambda rows, i: jnp.take(rows, i, axis=0))(patches, ids)

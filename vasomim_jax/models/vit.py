@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vasomim_jax.models.patches import patchify
 from vasomim_jax.models.pos_embed import sincos_2d
 
 LN_EPS = 1e-6
@@ -146,6 +147,47 @@ class Transformer(nn.Module):
         return layer_norm(self.dtype, "norm")(x)
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D features: nn.Conv's parameters (kernel (p, p, C, D), bias (D,); the
+    official ``patch_embed.proj``) applied as one matmul to flattened patches, so that MAE can embed only the
+    visible ones.
+
+    Raw uint8 patches take the input normalisation folded into the kernel: ((g/255 - m_c)/s_c) . W_c summed
+    over channels is g . sum_c W_c/(255 s_c) minus a constant, so a grey patch (S = 1, replicated to C channels
+    by `preprocess`) is embedded with p*p rather than p*p*C inputs and is gathered as 1 byte per pixel instead
+    of 4*C."""
+
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @nn.compact
+    def __call__(self, patches: jnp.ndarray) -> jnp.ndarray:
+        """patches (B, n, p*p*S) in `patchify` order: float normalised with S = in_chans, or uint8 with S 1
+        (grey) or in_chans -> float32 (B, n, D)."""
+        p, c, d = self.patch_size, self.in_chans, self.embed_dim
+        kernel = self.param("kernel", patch_embed_init, (p, p, c, d), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        if patches.dtype == jnp.uint8:
+            if self.mean is None or self.std is None or len(self.mean) != c or len(self.std) != c:
+                raise ValueError(f"PatchEmbed: uint8 input needs the model's mean/std with in_chans={c} entries "
+                                 f"each (config.model.mean/std), got {self.mean} / {self.std}")
+            mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+            bias = bias - jnp.einsum("pqcd,c->d", kernel, mean / std, precision=jax.lax.Precision.HIGHEST)
+            kernel = kernel / (255.0 * std[:, None])
+            if patches.shape[-1] == p * p:
+                kernel = kernel.sum(axis=2, keepdims=True)
+        kernel = kernel.reshape(-1, d)
+        if patches.shape[-1] != kernel.shape[0]:
+            raise ValueError(f"PatchEmbed: patches of {patches.shape[-1]} values do not fit p*p*C = "
+                             f"{p}*{p}*{c} ({patches.dtype})")
+        out = jnp.dot(patches.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        return out + bias
+
+
 class ViTEncoder(nn.Module):
     """MAE's ViT encoder (timm ``forward_features``): patch embedding, cls token, fixed MAE sin-cos positions and
     the `Transformer` named ``encoder``. Params: patch_embed/{kernel (p,p,C,D), bias}, cls_token (1,1,D),
@@ -163,47 +205,56 @@ class ViTEncoder(nn.Module):
     remat_policy: str = "none"
     scan_unroll: int = 1
     drop_path_rate: float = 0.0
+    mean: tuple[float, ...] | None = None  # the input normalisation, needed only for uint8 input
+    std: tuple[float, ...] | None = None
 
     def setup(self):
-        p, d = self.patch_size, self.embed_dim
-        self.patch_embed = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                                   param_dtype=jnp.float32, kernel_init=patch_embed_init,
-                                   bias_init=nn.initializers.zeros)
-        self.cls_token = self.param("cls_token", token_init, (1, 1, d), jnp.float32)
-        self.encoder = Transformer(d, self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                                   remat_policy=self.remat_policy, scan_unroll=self.scan_unroll,
+        self.patch_embed = PatchEmbed(self.patch_size, self.in_chans, self.embed_dim, self.dtype, self.mean,
+                                      self.std)
+        self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim), jnp.float32)
+        self.encoder = Transformer(self.embed_dim, self.depth, self.num_heads, mlp_ratio=self.mlp_ratio,
+                                   dtype=self.dtype, remat_policy=self.remat_policy, scan_unroll=self.scan_unroll,
                                    drop_path_rate=self.drop_path_rate)
 
-    def _grid(self, x: jnp.ndarray) -> tuple[int, int]:
+    def _patches(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Model input -> its flattened patches (B, L, p*p*S) in the input's dtype and the encoder pos table
+        (1+L, D). x: float (B, H, W, in_chans) normalised, or raw uint8 (B, H, W[, S]) with S 1 (grey) or
+        in_chans."""
         name = type(self).__name__
-        if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ValueError(f"{name}: x must be (B, H, W, in_chans={self.in_chans}), got shape {x.shape}")
+        if x.dtype == jnp.uint8 and x.ndim == 3:
+            x = x[..., None]
+        channels = (1, self.in_chans) if x.dtype == jnp.uint8 else (self.in_chans,)
+        if x.ndim != 4 or x.shape[-1] not in channels:
+            raise ValueError(f"{name}: x must be float (B, H, W, in_chans={self.in_chans}) or uint8 (B, H, W[, 1|"
+                             f"{self.in_chans}]), got {x.dtype} of shape {x.shape}")
         h, w, p = x.shape[1], x.shape[2], self.patch_size
         if h % p or w % p:
             raise ValueError(f"{name}: image size {h}x{w} is not divisible by patch_size={p}")
-        return h // p, w // p
-
-    def _embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """(B, H, W, C) -> patch tokens + pos (B, L, D) float32, and the encoder pos table (1+L, D)."""
-        gh, gw = self._grid(x)
-        pos = jnp.asarray(sincos_2d(self.embed_dim, (gh, gw), cls_token=True))
-        tokens = self.patch_embed(x).reshape(x.shape[0], gh * gw, self.embed_dim).astype(jnp.float32)
-        return tokens + pos[1:], pos
+        return patchify(x, p), jnp.asarray(sincos_2d(self.embed_dim, (h // p, w // p), cls_token=True))
 
     def _with_cls(self, tokens: jnp.ndarray, pos: jnp.ndarray) -> jnp.ndarray:
         cls = jnp.broadcast_to(self.cls_token + pos[:1], (tokens.shape[0], 1, self.embed_dim))
         return jnp.concatenate([cls, tokens], axis=1)
 
-    def encode(self, x: jnp.ndarray, *, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def encode(self, x: jnp.ndarray, *, train: bool = False,
+               pos_embed: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Encoder on all patches, no masking (timm ``forward_features``).
 
-        x: float (B, H, W, C) normalised. Returns tokens float32 (B, 1+L, D) after the final norm and the pooled
-        feature float32 (B, D) = tokens[:, 0] (cls token). ``train`` enables drop-path ('dropout' rng).
+        x: float (B, H, W, C) normalised, or raw uint8 (B, H, W[, 1|C]) normalised inside (`PatchEmbed`).
+        Returns tokens float32 (B, 1+L, D) after the final norm and the pooled feature float32 (B, D) =
+        tokens[:, 0] (cls token). ``train`` enables drop-path ('dropout' rng). ``pos_embed`` (1, 1+L, D)
+        replaces the fixed sin-cos table (timm checkpoints with learned position embeddings).
         """
-        tokens, pos = self._embed(x)
+        patches, pos = self._patches(x)
+        if pos_embed is not None:
+            if pos_embed.shape[1:] != pos.shape:
+                raise ValueError(f"images give {pos.shape[0] - 1} patches; the learned position embeddings hold "
+                                 f"{pos_embed.shape[1] - 1} (load with model_cfg= for another size)")
+            pos = pos_embed[0]
+        tokens = self.patch_embed(patches) + pos[1:]
         tokens = self.encoder(self._with_cls(tokens, pos), deterministic=not train).astype(jnp.float32)
         return tokens, tokens[:, 0]
 
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        """x float (B, H, W, C) normalised -> tokens float32 (B, 1+L, D); the tokens of `encode`."""
+        """x (see `encode`) -> tokens float32 (B, 1+L, D); the tokens of `encode`."""
         return self.encode(x, train=train)[0]
