@@ -126,3 +126,9 @@ def test_total_steps_wins_and_warmup_keeps_its_fraction():
 def test_unknown_field_is_rejected_by_the_parser():
     with pytest.raises(AttributeError, match="mask_ratioo"):
         load("configs/demo_tiny.py", "--config.masking.mask_ratioo=0.5")
+
+
+def test_config_accepts_exactly_the_models_remat_policies():
+    from vasomim_jax.models import vit
+
+    assert set(cfg.REMAT_POLICIES) == set(vit.REMAT_POLICIES)
