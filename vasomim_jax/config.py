@@ -12,9 +12,13 @@ import math
 from absl import flags
 from ml_collections import config_dict, config_flags
 
+from vasomim_jax.models.mae import DTYPES as _MODEL_DTYPES
+from vasomim_jax.models.vit import REMAT_POLICIES as _MODEL_REMAT_POLICIES
+
 FILTERS = ("frangi", "sato")
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # the keys of models.vit.REMAT_POLICIES
+# What the model builds: one list, so a policy the model has is never refused here.
+DTYPES = tuple(_MODEL_DTYPES)
+REMAT_POLICIES = tuple(_MODEL_REMAT_POLICIES)
 DISTANCES = ("bce", "l1")
 BETA_PER = ("epoch", "step")
 
